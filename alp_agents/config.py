@@ -1,0 +1,115 @@
+"""Typed configuration: pydantic models loaded from TOML, with `--set a.b=value` overrides.
+
+Every config model derives from `Config`, which forbids unknown keys. `load_config` turns
+pydantic's validation errors into one ConfigError that names each bad field by its dotted path,
+with the nearest valid key for a typo and the expected type for a wrong value.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from alp_agents.errors import ConfigError
+
+C = TypeVar("C", bound="Config")
+
+
+class Config(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def parse_override(override: str) -> tuple[list[str], Any]:
+    """Split `a.b.c=value` into (["a", "b", "c"], value); the value is read as JSON/TOML when it can be."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {override!r} must look like key.path=value, e.g. trainer.lr=1e-6")
+    return key.strip().split("."), _parse_value(raw.strip())
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        pass
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw  # a bare word such as `alp` is a string
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of `data` with each `key.path=value` override set."""
+    data = json.loads(json.dumps(data))  # deep copy of plain TOML data
+    for override in overrides:
+        path, value = parse_override(override)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {override!r}: {part!r} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_config(model: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
+    """Load `model` from a TOML file (optional) plus overrides; fail with every bad field named."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path} is not valid TOML: {e}") from e
+    data = apply_overrides(data, overrides or [])
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        where = f" in {path}" if path is not None else ""
+        problems = "\n".join(f"  - {_describe(model, err)}" for err in e.errors())
+        raise ConfigError(f"invalid config{where}:\n{problems}") from e
+
+
+def _describe(model: type[BaseModel], error: Any) -> str:
+    loc = [str(part) for part in error["loc"]]
+    dotted = ".".join(loc)
+    if error["type"] == "extra_forbidden":
+        valid = _field_names(model, loc[:-1])
+        close = difflib.get_close_matches(loc[-1], valid, n=1)
+        hint = f"; did you mean {'.'.join(loc[:-1] + close)!r}?" if close else f"; valid keys here: {', '.join(sorted(valid))}"
+        return f"unknown key {dotted!r}{hint}"
+    expected = _field_annotation(model, loc)
+    got = error.get("input")
+    return f"{dotted}: {error['msg']} (expected {expected}, got {got!r})"
+
+
+def _field_names(model: type[BaseModel], path: list[str]) -> list[str]:
+    section = _section(model, path)
+    return list(section.model_fields) if section else []
+
+
+def _field_annotation(model: type[BaseModel], path: list[str]) -> str:
+    section = _section(model, path[:-1])
+    if section is None or path[-1] not in section.model_fields:
+        return "a valid value"
+    annotation = section.model_fields[path[-1]].annotation
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _section(model: type[BaseModel], path: list[str]) -> type[BaseModel] | None:
+    for part in path:
+        field = model.model_fields.get(part)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        model = field.annotation
+    return model

@@ -1,0 +1,1 @@
+"""Inference engines: vLLM in-process and vLLM OpenAI-compatible servers over HTTP."""

@@ -1,0 +1,181 @@
+"""The data that crosses boundaries: chat messages, tool calls, and one episode as a Trajectory.
+
+A Trajectory holds the token ids of a whole episode exactly as the inference engine saw and
+produced them (token-in, token-out: never re-tokenised), a loss mask that is 1 only on tokens the
+policy sampled, and the engine's log-prob of each sampled token. Trainers read nothing else.
+Trajectories serialise to JSON Lines, one episode per line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from alp_agents.errors import TrajectoryError
+
+Role = Literal["system", "user", "assistant", "tool"]
+
+
+class ToolCall(BaseModel):
+    """One call of a tool, as the model wrote it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    """Name of the tool to call."""
+    arguments: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments, already decoded from JSON."""
+    id: str | None = None
+    """Optional id that a tool message can refer back to."""
+
+    def to_openai(self) -> dict[str, Any]:
+        """The OpenAI/Hugging Face chat-template shape: {"type": "function", "function": {...}}."""
+        call: dict[str, Any] = {"type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+        if self.id is not None:
+            call["id"] = self.id
+        return call
+
+
+class Message(BaseModel):
+    """One chat message."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Role
+    """Who speaks: system, user, assistant, or tool (a tool's result)."""
+    content: str = ""
+    """The text of the message (for an assistant message with tool calls: the text outside the calls)."""
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    """Tool calls made in an assistant message."""
+    name: str | None = None
+    """For a tool message: the tool that produced it."""
+    tool_call_id: str | None = None
+    """For a tool message: the id of the call it answers, when the call had one."""
+
+    def to_chat(self) -> dict[str, Any]:
+        """The dict a Hugging Face chat template or an OpenAI-compatible server expects."""
+        chat: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            chat["tool_calls"] = [call.to_openai() for call in self.tool_calls]
+        if self.name is not None:
+            chat["name"] = self.name
+        if self.tool_call_id is not None:
+            chat["tool_call_id"] = self.tool_call_id
+        return chat
+
+
+class Turn(BaseModel):
+    """What happened in one assistant turn of an episode."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str
+    """The assistant's text for this turn, decoded from the sampled tokens."""
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    """Tool calls parsed from the text."""
+    tool_results: list[str] = Field(default_factory=list)
+    """What came back from each call (or the error the env reported for it)."""
+    num_sampled_tokens: int = 0
+    """Number of tokens the engine sampled in this turn."""
+    generation_s: float = 0.0
+    """Wall time spent waiting for the engine, in seconds."""
+    env_s: float = 0.0
+    """Wall time spent in the environment's step (tools, grading), in seconds."""
+    reward: float = 0.0
+    """Reward the environment gave for this turn."""
+    void: bool = False
+    """True when the turn had neither a valid tool call nor a final answer."""
+
+
+class Trajectory(BaseModel):
+    """One episode, as the trainer will see it.
+
+    Invariants (checked at construction): `token_ids`, `loss_mask` and `infer_logprobs` have the
+    same length; the mask is 0 on the prompt (the first `prompt_length` tokens); log-probs are
+    finite and exactly 0.0 where the mask is 0.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    token_ids: list[int]
+    """Prompt and every turn, exactly as the engine saw and produced them."""
+    loss_mask: list[Literal[0, 1]]
+    """1 on tokens the policy sampled; 0 on prompt, tool output and template tokens the loop inserted."""
+    infer_logprobs: list[float]
+    """The engine's log-prob of each sampled token, recorded at sampling time; 0.0 where the mask is 0."""
+    prompt_length: int = Field(ge=0)
+    """Number of leading tokens that form the opening prompt."""
+    reward: float = 0.0
+    """The episode's total reward."""
+    messages: list[Message] = Field(default_factory=list)
+    """The conversation as chat messages (for reading and for re-rendering)."""
+    turns: list[Turn] = Field(default_factory=list)
+    """Per-turn record: text, tool calls, tool results, timings."""
+    group_id: str = ""
+    """Episodes sampled for the same task in one batch share a group id (GRPO baselines per group)."""
+    task_id: str = ""
+    """Identifier of the task the episode was played on."""
+    policy_version: int = 0
+    """Weights version that sampled the episode's first token."""
+    policy_version_last: int | None = None
+    """Weights version that sampled its last token (differs from policy_version only under async updates)."""
+    finish_reason: str = ""
+    """Why the episode ended: 'answer', 'stop', 'max_turns', 'max_tokens', 'context', 'error'..."""
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    """Free-form extras (environment info, error message of a failed episode)."""
+
+    @model_validator(mode="after")
+    def _check_alignment(self) -> Trajectory:
+        n = len(self.token_ids)
+        if len(self.loss_mask) != n:
+            raise ValueError(f"loss_mask has {len(self.loss_mask)} entries, token_ids has {n}: they must be equal")
+        if len(self.infer_logprobs) != n:
+            raise ValueError(f"infer_logprobs has {len(self.infer_logprobs)} entries, token_ids has {n}: they must be equal")
+        if self.prompt_length > n:
+            raise ValueError(f"prompt_length is {self.prompt_length} but token_ids has only {n} tokens")
+        if any(self.loss_mask[: self.prompt_length]):
+            first = self.loss_mask.index(1)
+            raise ValueError(f"loss_mask is 1 at position {first}, inside the prompt (prompt_length={self.prompt_length})")
+        for i, (m, lp) in enumerate(zip(self.loss_mask, self.infer_logprobs)):
+            if not math.isfinite(lp):
+                raise ValueError(f"infer_logprobs[{i}] is {lp}: log-probs must be finite")
+            if m == 0 and lp != 0.0:
+                raise ValueError(f"infer_logprobs[{i}] is {lp} where loss_mask is 0: it must be 0.0")
+            if m == 1 and lp > 1e-4:
+                raise ValueError(f"infer_logprobs[{i}] is {lp}: a log-probability cannot be positive")
+        return self
+
+    @property
+    def num_sampled_tokens(self) -> int:
+        """How many tokens the policy sampled (the tokens that carry loss)."""
+        return sum(self.loss_mask)
+
+
+def write_trajectories(path: str | Path, trajectories: Iterable[Trajectory]) -> Path:
+    """Write trajectories to `path` as JSON Lines (one episode per line) and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for trajectory in trajectories:
+            f.write(trajectory.model_dump_json() + "\n")
+    return path
+
+
+def read_trajectories(path: str | Path) -> list[Trajectory]:
+    """Read a JSON Lines trajectory file; a malformed line raises TrajectoryError naming its line number."""
+    path = Path(path)
+    trajectories = []
+    with path.open(encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                trajectories.append(Trajectory.model_validate(json.loads(line)))
+            except (json.JSONDecodeError, ValidationError) as e:
+                raise TrajectoryError(f"{path}:{line_number}: not a valid trajectory: {e}") from e
+    return trajectories

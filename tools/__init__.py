@@ -1,0 +1,1 @@
+"""The tool protocol and registry, tool-call parsing, and built-in tools (installed as `alp_agents.tools`)."""
