@@ -65,5 +65,16 @@ def print_generation_report(report: GenerationReport) -> None:
     console.print(f"{report.tokens_per_second:.0f} tokens/s ({report.seconds:.2f} s for the batch)")
 
 
+def main() -> None:
+    """Entry point of the `alp` script: errors we raise on purpose print as one line, not a traceback."""
+    from alp_agents.errors import AlpError
+
+    try:
+        app()
+    except AlpError as error:
+        Console(stderr=True).print(f"[bold red]error:[/] {error}")
+        raise SystemExit(2) from None
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -85,7 +85,7 @@ def _describe(model: type[BaseModel], error: Any) -> str:
     dotted = ".".join(loc)
     if error["type"] == "extra_forbidden":
         valid = _field_names(model, loc[:-1])
-        close = difflib.get_close_matches(loc[-1], valid, n=1)
+        close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
         hint = f"; did you mean {'.'.join(loc[:-1] + close)!r}?" if close else f"; valid keys here: {', '.join(sorted(valid))}"
         return f"unknown key {dotted!r}{hint}"
     expected = _field_annotation(model, loc)

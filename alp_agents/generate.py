@@ -51,6 +51,7 @@ def generate_chat(
     llm = LLM(**engine_arguments(str(model_dir), seed=seed))
     sampling = SamplingParams(temperature=temperature, max_tokens=max_tokens, logprobs=0, seed=None)
     conversations = [[{"role": "user", "content": prompt}] for prompt in prompts]
+    llm.chat(conversations[:1], SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up: the first call is slow
     start = time.perf_counter()
     outputs = llm.chat(conversations, sampling, use_tqdm=False)
     seconds = time.perf_counter() - start

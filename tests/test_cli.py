@@ -1,0 +1,37 @@
+"""Every `alp` command has help, and the model builder works from the command line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from alp_agents.cli import app
+
+
+def alp(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "alp_agents.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def command_names() -> list[str]:
+    return sorted(command.name or command.callback.__name__ for command in app.registered_commands)
+
+
+@pytest.mark.parametrize("command", command_names())
+def test_every_command_has_help(command):
+    out = alp(command, "--help")
+    assert out.returncode == 0, out.stderr
+    assert "Usage" in out.stdout
+
+
+def test_init_model_writes_a_loadable_directory(tmp_path):
+    out = alp("init-model", str(tmp_path / "m"), "--seed", "3")
+    assert out.returncode == 0, out.stderr
+    assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"} <= {p.name for p in (tmp_path / "m").iterdir()}
+
+
+def test_init_model_rejects_an_unknown_size(tmp_path):
+    out = alp("init-model", str(tmp_path / "m"), "--size", "huge")
+    assert out.returncode != 0
+    assert "unknown model size 'huge'" in out.stderr + out.stdout

@@ -1,0 +1,49 @@
+"""Configs fail at load with the field's path, the nearest valid key, and the expected type."""
+
+from __future__ import annotations
+
+import pytest
+
+from alp_agents import Config, ConfigError, load_config
+
+
+class Optim(Config):
+    lr: float = 1e-5
+    """Learning rate."""
+    betas: list[float] = [0.9, 0.999]
+
+
+class Run(Config):
+    name: str = "run"
+    steps: int = 10
+    trainer: Optim = Optim()
+
+
+def test_toml_plus_overrides(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('name = "a"\n[trainer]\nlr = 3e-4\n')
+    cfg = load_config(Run, path, ["trainer.lr=1e-6", "steps=20", "name=b", "trainer.betas=[0.8, 0.9]"])
+    assert (cfg.name, cfg.steps, cfg.trainer.lr, cfg.trainer.betas) == ("b", 20, 1e-6, [0.8, 0.9])
+
+
+def test_unknown_key_names_it_and_the_nearest_valid_one(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text("[trainer]\nrl = 3e-4\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'trainer\.rl'; did you mean 'trainer\.lr'\?"):
+        load_config(Run, path)
+    with pytest.raises(ConfigError, match=r"unknown key 'stesp'; did you mean 'steps'\?"):
+        load_config(Run, overrides=["stesp=3"])
+
+
+def test_wrong_type_names_the_field_and_expected_type():
+    with pytest.raises(ConfigError, match=r"trainer\.lr: .*expected float, got 'fast'"):
+        load_config(Run, overrides=["trainer.lr=fast"])
+
+
+def test_malformed_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="key.path=value"):
+        load_config(Run, overrides=["steps"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(Run, tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match="is a value, not a section"):
+        load_config(Run, overrides=["name=x", "name.inner=1"])

@@ -1,0 +1,34 @@
+"""The package installs under one namespace and exports exactly what it documents."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import alp_agents
+
+
+def test_subpackages_import_under_the_alp_agents_namespace(tmp_path):
+    # Run from an empty directory so the repository's own folders are not on sys.path.
+    code = (
+        "import importlib.util, alp_agents.envs, alp_agents.tools, alp_agents.trainers, alp_agents.engines\n"
+        "print([importlib.util.find_spec(name) for name in ('envs', 'tools', 'trainers')])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[None, None, None]"
+
+
+def test_all_is_sorted_and_complete():
+    assert alp_agents.__all__ == sorted(alp_agents.__all__)
+    for name in alp_agents.__all__:
+        assert hasattr(alp_agents, name), name
+    public = {name for name in vars(alp_agents) if not name.startswith("_") and name[0].isupper()}
+    assert public <= set(alp_agents.__all__)
+
+
+def test_errors_form_one_tree():
+    for name in alp_agents.__all__:
+        obj = getattr(alp_agents, name)
+        if isinstance(obj, type) and issubclass(obj, Exception):
+            assert issubclass(obj, alp_agents.AlpError), name
+    assert issubclass(alp_agents.EngineTimeout, alp_agents.EngineError)
