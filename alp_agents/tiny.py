@@ -16,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
+import jinja2
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
@@ -130,11 +131,24 @@ _TOOL_SCHEMAS = [
 def corpus(n_problems: int = 1500) -> list[str]:
     """The deterministic text the BPE is trained on (always the same, whatever the model seed)."""
     rng = random.Random(1234)
-    texts = [json.dumps(schema) for schema in _TOOL_SCHEMAS]
-    texts += ["<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n", "<|im_start|>assistant\n"]
+    texts = [_render_chat(rng) for _ in range(20)]  # chat markup and the tool preamble: rendered in every prompt
     for _ in range(n_problems):
         texts.extend(_problem_texts(rng))
     return texts
+
+
+def _render_chat(rng: random.Random) -> str:
+    """One conversation rendered by the chat template, with the tool schemas in its system prompt."""
+    environment = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"])
+    environment.filters["tojson"] = json.dumps  # what transformers' chat-template renderer uses
+    problem, call, value = _problem_texts(rng)[0], {"name": "calculator", "arguments": {"expression": "1 + 2"}}, "3"
+    messages = [
+        {"role": "user", "content": problem},
+        {"role": "assistant", "content": "", "tool_calls": [{"function": call}]},
+        {"role": "tool", "content": value},
+        {"role": "assistant", "content": f"The answer is \\boxed{{{value}}}."},
+    ]
+    return environment.from_string(chat_template()).render(messages=messages, tools=_TOOL_SCHEMAS, add_generation_prompt=True)
 
 
 def _problem_texts(rng: random.Random) -> list[str]:

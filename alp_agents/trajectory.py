@@ -80,6 +80,8 @@ class Turn(BaseModel):
     """Tool calls parsed from the text."""
     tool_results: list[str] = Field(default_factory=list)
     """What came back from each call (or the error the env reported for it)."""
+    tool_errors: int = 0
+    """How many of this turn's calls failed (malformed, unknown tool, invalid arguments, tool raised)."""
     num_sampled_tokens: int = 0
     """Number of tokens the engine sampled in this turn."""
     generation_s: float = 0.0
@@ -125,7 +127,8 @@ class Trajectory(BaseModel):
     policy_version_last: int | None = None
     """Weights version that sampled its last token (differs from policy_version only under async updates)."""
     finish_reason: str = ""
-    """Why the episode ended: 'answer', 'stop', 'max_turns', 'max_tokens', 'context', 'error'..."""
+    """Why the episode ended: 'terminated' (by the env), 'max_turns', 'max_tokens' (a turn hit its
+    token limit), 'context' (the episode hit its total token limit) or 'error' (see metadata['error'])."""
     metadata: dict[str, Any] = Field(default_factory=dict)
     """Free-form extras (environment info, error message of a failed episode)."""
 

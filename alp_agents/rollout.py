@@ -1,0 +1,233 @@
+"""The agent loop: environments + an inference engine -> Trajectory records a trainer can trust.
+
+Token-in, token-out. An episode's token ids are built by appending, never by re-rendering:
+
+    ids  = chat_template(opening messages)           mask 0   (the prompt)
+    ids += engine's sampled ids for turn 1           mask 1   (with the engine's log-probs)
+    ids += template ids of the tool results + next   mask 0   (tokenised from the new text only)
+           generation prompt
+    ids += engine's sampled ids for turn 2           mask 1
+    ...
+
+so the trainer scores exactly the tokens the engine sampled, in the context the engine saw, and
+tool output never carries loss. A turn cut by a token limit ends the episode (finish_reason
+"max_tokens" for the per-turn limit, "context" for the total) without stepping the environment.
+An exception anywhere in an episode (tool crash, grader timeout, engine error) ends that episode
+with finish_reason "error" and the error in `metadata["error"]`; the batch goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from pydantic import Field
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from alp_agents.chat import continuation_token_ids, prompt_token_ids
+from alp_agents.config import Config
+from alp_agents.engines.base import InferenceEngine, SamplingConfig
+from alp_agents.trajectory import Message, ToolCall, Trajectory, Turn
+
+
+class EpisodeEnv(Protocol):
+    """What the loop needs from an environment: the async twins of TextEnv's reset/step, and close."""
+
+    async def areset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[list[Message], dict[str, Any]]: ...
+
+    async def astep(self, action: str) -> tuple[list[Message], float, bool, bool, dict[str, Any]]: ...
+
+    def close(self) -> None: ...
+
+
+class RolloutLimits(Config):
+    """Limits of one episode."""
+
+    max_turns: int = Field(5, ge=1)
+    """Most assistant turns; the episode is truncated with finish_reason 'max_turns' after the last."""
+    max_tokens_per_turn: int = Field(256, ge=1)
+    """Most tokens sampled in one assistant turn."""
+    max_total_tokens: int = Field(2048, ge=16)
+    """Most tokens in the whole episode (prompt, turns, tool results): the context budget."""
+    episode_timeout_s: float = Field(300.0, gt=0)
+    """Wall-clock limit of one episode; past it the episode fails with finish_reason 'error'."""
+
+
+async def collect(
+    env_factory: Callable[[], EpisodeEnv],
+    tasks: Sequence[Any],
+    engine: InferenceEngine,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    sampling: SamplingConfig,
+    group_size: int = 1,
+    limits: RolloutLimits | None = None,
+    max_concurrency: int = 32,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[Trajectory]:
+    """Play `group_size` episodes of every task (one fresh env each) and return them, grouped, in task order.
+
+    Episodes of the same task share a `group_id`. At most `max_concurrency` run at once. A failed
+    episode comes back with finish_reason 'error'; cancelling `collect` cancels every episode and
+    closes its environment.
+    """
+    limits = limits or RolloutLimits()
+    slots = asyncio.Semaphore(max_concurrency)
+    bar = tqdm(total=len(tasks) * group_size, desc="rollout", unit="ep", disable=not progress, leave=False)
+    started = time.perf_counter()
+    sampled_tokens = failures = 0
+
+    async def one(index: int, task: Any, group_id: str) -> Trajectory:
+        nonlocal sampled_tokens, failures
+        async with slots:
+            trajectory = await run_episode(env_factory, task, engine, tokenizer, sampling, limits, seed=seed * 1_000_003 + index)
+        trajectory.group_id = group_id
+        sampled_tokens += trajectory.num_sampled_tokens
+        failures += trajectory.finish_reason == "error"
+        bar.update()
+        bar.set_postfix(tok_s=f"{sampled_tokens / (time.perf_counter() - started):.0f}", failed=failures, refresh=False)
+        return trajectory
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            jobs = [
+                group.create_task(one(t * group_size + k, task, f"{t}:{_task_id(task)}"))
+                for t, task in enumerate(tasks)
+                for k in range(group_size)
+            ]
+    finally:
+        bar.close()
+    return [job.result() for job in jobs]
+
+
+def collect_sync(*args: Any, **kwargs: Any) -> list[Trajectory]:
+    """`collect` for code without an event loop (same arguments)."""
+    return asyncio.run(collect(*args, **kwargs))
+
+
+async def run_episode(
+    env_factory: Callable[[], EpisodeEnv],
+    task: Any,
+    engine: InferenceEngine,
+    tokenizer: PreTrainedTokenizerBase,
+    sampling: SamplingConfig,
+    limits: RolloutLimits,
+    *,
+    seed: int,
+) -> Trajectory:
+    """Play one episode; never raises except on cancellation (failures are recorded in the trajectory)."""
+    episode = _Episode(task_id=_task_id(task))
+    env = env_factory()
+    try:
+        async with asyncio.timeout(limits.episode_timeout_s):
+            await episode.play(env, task, engine, tokenizer, sampling, limits, seed)
+    except Exception as error:  # noqa: BLE001 - a bad episode is data, not a crash of the batch
+        episode.fail(error)
+    finally:
+        env.close()
+    return episode.trajectory()
+
+
+class _Episode:
+    """The growing token record of one episode (kept outside `play` so a failure keeps what was done)."""
+
+    def __init__(self, task_id: str) -> None:
+        self.task_id = task_id
+        self.token_ids: list[int] = []
+        self.loss_mask: list[int] = []
+        self.logprobs: list[float] = []
+        self.prompt_length = 0
+        self.messages: list[Message] = []
+        self.turns: list[Turn] = []
+        self.reward = 0.0
+        self.versions: list[int] = []
+        self.finish_reason = "max_turns"
+        self.metadata: dict[str, Any] = {}
+
+    def append(self, token_ids: list[int], logprobs: list[float] | None = None) -> None:
+        """Append ids: sampled ones (with their log-probs) get mask 1; inserted ones (no log-probs) mask 0."""
+        self.token_ids += token_ids
+        self.loss_mask += [0 if logprobs is None else 1] * len(token_ids)
+        self.logprobs += [0.0] * len(token_ids) if logprobs is None else logprobs
+
+    async def play(self, env: EpisodeEnv, task: Any, engine: InferenceEngine, tokenizer: PreTrainedTokenizerBase,
+                   sampling: SamplingConfig, limits: RolloutLimits, seed: int) -> None:
+        eos_id = tokenizer.eos_token_id
+        self.messages, info = await env.areset(seed=seed, options={"task": task})
+        self.append(prompt_token_ids(tokenizer, self.messages, info.get("tools")))  # mask 0: the prompt
+        self.prompt_length = len(self.token_ids)
+        for _ in range(limits.max_turns):
+            context_left = limits.max_total_tokens - len(self.token_ids)
+            budget = min(limits.max_tokens_per_turn, context_left)
+            if budget <= 0:
+                self.finish_reason = "context"
+                return
+            start = time.perf_counter()
+            generation = await engine.generate(self.token_ids, sampling.model_copy(update={"max_tokens": budget}))
+            generation_s = time.perf_counter() - start
+            self.versions.append(generation.policy_version)
+            self.append(generation.token_ids, generation.logprobs)  # mask 1: sampled by the policy
+            ended_turn = generation.token_ids[-1:] == [eos_id]
+            text = tokenizer.decode(generation.token_ids[:-1] if ended_turn else generation.token_ids, skip_special_tokens=False)
+            self.messages.append(Message(role="assistant", content=text))
+            if generation.finish_reason == "length":
+                self.turns.append(Turn(text=text, num_sampled_tokens=len(generation.token_ids), generation_s=generation_s))
+                self.finish_reason = "context" if budget == context_left else "max_tokens"
+                return
+            start = time.perf_counter()
+            new_messages, reward, terminated, truncated, step_info = await env.astep(text)
+            self.reward += float(reward)
+            self.messages += new_messages
+            self.turns.append(_turn(text, generation, generation_s, time.perf_counter() - start, new_messages, reward, step_info))
+            if terminated or truncated:
+                self.finish_reason = "terminated" if terminated else "max_turns"
+                self.metadata["correct"] = bool(step_info.get("correct", False))
+                self.metadata["answer"] = step_info.get("answer")
+                return
+            if not ended_turn:
+                self.append([eos_id])  # mask 0: close a turn the engine ended on a stop string
+            self.append(continuation_token_ids(tokenizer, new_messages))  # mask 0: tool results + next prompt
+
+    def fail(self, error: BaseException) -> None:
+        self.finish_reason = "error"
+        self.metadata["error"] = f"{type(error).__name__}: {error}"
+
+    def trajectory(self) -> Trajectory:
+        return Trajectory(
+            token_ids=self.token_ids,
+            loss_mask=self.loss_mask,
+            infer_logprobs=self.logprobs,
+            prompt_length=self.prompt_length,
+            reward=self.reward,
+            messages=self.messages,
+            turns=self.turns,
+            task_id=self.task_id,
+            policy_version=self.versions[0] if self.versions else 0,
+            policy_version_last=self.versions[-1] if self.versions else None,
+            finish_reason=self.finish_reason,
+            metadata=self.metadata,
+        )
+
+
+def _turn(text: str, generation: Any, generation_s: float, env_s: float, new_messages: list[Message], reward: float,
+          info: dict[str, Any]) -> Turn:
+    tool_calls = [call for call in info.get("parsed_tool_calls", []) if isinstance(call, ToolCall)]
+    return Turn(
+        text=text,
+        tool_calls=tool_calls,
+        tool_results=[m.content for m in new_messages if m.role == "tool"],
+        tool_errors=int(info.get("tool_errors", 0)),
+        num_sampled_tokens=len(generation.token_ids),
+        generation_s=generation_s,
+        env_s=env_s,
+        reward=float(reward),
+        void=bool(info.get("void_turn", False)),
+    )
+
+
+def _task_id(task: Any) -> str:
+    return str(getattr(task, "id", task))
