@@ -131,7 +131,7 @@ _TOOL_SCHEMAS = [
 def corpus(n_problems: int = 1500) -> list[str]:
     """The deterministic text the BPE is trained on (always the same, whatever the model seed)."""
     rng = random.Random(1234)
-    texts = [_render_chat(rng) for _ in range(20)]  # chat markup and the tool preamble: rendered in every prompt
+    texts = [_render_chat(rng) for _ in range(300)]  # chat markup and the tool preamble: rendered in every prompt
     for _ in range(n_problems):
         texts.extend(_problem_texts(rng))
     return texts
