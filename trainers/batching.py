@@ -1,0 +1,81 @@
+"""Trajectory records -> right-padded tensors, and row selections of them (the trainer's micro-batches).
+
+Rows are right-padded: position t of every row is the t-th token of its episode, exactly the position
+the inference engine gave it, so the model's default position ids (0..T-1) match the rollout's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from alp_agents.errors import TrajectoryError
+from alp_agents.trajectory import Trajectory
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Episodes as right-padded tensors; row i is episode i."""
+
+    input_ids: Tensor
+    """(N, T) long: the token ids, `pad_token_id` after the end of each episode."""
+    attention_mask: Tensor
+    """(N, T) long: 1 on the episode's tokens, 0 on padding."""
+    loss_mask: Tensor
+    """(N, T) bool: the trajectory's loss mask (sampled tokens only); False on padding."""
+    infer_logprobs: Tensor
+    """(N, T) float32: the engine's log-prob of each sampled token, 0.0 elsewhere."""
+    rewards: Tensor
+    """(N,) float32: each episode's reward."""
+    group_ids: Tensor
+    """(N,) long: episodes of the same group share a number (groups numbered by first appearance)."""
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def rows(self, index: Tensor) -> Batch:
+        """The episodes at `index`, with the padding none of them needs trimmed off."""
+        length = max(int(self.attention_mask[index].sum(-1).max()), 1)
+        return Batch(
+            input_ids=self.input_ids[index, :length],
+            attention_mask=self.attention_mask[index, :length],
+            loss_mask=self.loss_mask[index, :length],
+            infer_logprobs=self.infer_logprobs[index, :length],
+            rewards=self.rewards[index],
+            group_ids=self.group_ids[index],
+        )
+
+
+def collate(trajectories: Sequence[Trajectory], *, pad_token_id: int = 0, device: torch.device | str | None = None) -> Batch:
+    """Stack trajectories into one right-padded Batch on `device`."""
+    if not trajectories:
+        raise TrajectoryError("cannot train on an empty list of trajectories")
+    for i, trajectory in enumerate(trajectories):
+        if trajectory.loss_mask and trajectory.loss_mask[0] == 1:
+            raise TrajectoryError(
+                f"trajectory {i} has loss_mask[0] = 1: the first token has no context to be scored; "
+                "episodes start with a prompt whose tokens are masked"
+            )
+    N, T = len(trajectories), max(max(len(t.token_ids) for t in trajectories), 1)
+    input_ids = torch.full((N, T), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((N, T), dtype=torch.long)
+    loss_mask = torch.zeros((N, T), dtype=torch.bool)
+    infer_logprobs = torch.zeros((N, T), dtype=torch.float32)
+    for i, trajectory in enumerate(trajectories):
+        n = len(trajectory.token_ids)
+        input_ids[i, :n] = torch.tensor(trajectory.token_ids, dtype=torch.long)
+        attention_mask[i, :n] = 1
+        loss_mask[i, :n] = torch.tensor(trajectory.loss_mask, dtype=torch.bool)
+        infer_logprobs[i, :n] = torch.tensor(trajectory.infer_logprobs, dtype=torch.float32)
+    numbering = {g: i for i, g in enumerate(dict.fromkeys(t.group_id for t in trajectories))}
+    return Batch(
+        input_ids=input_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        loss_mask=loss_mask.to(device),
+        infer_logprobs=infer_logprobs.to(device),
+        rewards=torch.tensor([t.reward for t in trajectories], dtype=torch.float32, device=device),
+        group_ids=torch.tensor([numbering[t.group_id] for t in trajectories], dtype=torch.long, device=device),
+    )

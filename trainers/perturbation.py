@@ -1,0 +1,218 @@
+"""Adaptive Layerwise Perturbation: learnable Gaussian noise on the residual stream of a decoder.
+
+ALP (DESIGN.md, "The problem ALP solves") perturbs the *training* side of the importance ratio.
+Every selected decoder layer l reads `h_l + sigma_l * eps` instead of `h_l`, where `h_l` is the
+residual stream entering the layer (before its input norm), `eps ~ N(0, I)` is drawn per token and
+per hidden unit, and `sigma_l = exp(s_l)` is one scalar per layer trained by the RL loss.
+
+The noise is added by forward hooks on the model's own decoder layers, so any Hugging Face decoder
+works unmodified, and only inside `with perturbation.active(seed=...)`: outside that block the hooks
+return immediately and the model computes bit for bit what it computes without them. Each hook draws
+its noise from a fresh `torch.Generator` seeded by (seed, layer), so a recompute of the same forward
+(gradient checkpointing) sees the same noise. `LayerPerturbation` is deliberately not an
+`nn.Module`: it can never become part of the model's module tree, its `state_dict` or
+`save_pretrained`.
+
+Hidden-state scale differs by orders of magnitude between layers (the first layer reads the raw
+embeddings; ../shared/notes/alp-at-tiny-scale.md), so an absolute sigma perturbs layers very
+unequally. `calibrate` sets each sigma to a fraction of the RMS of that layer's measured input.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from alp_agents.errors import ConfigError, ModelError
+
+LayerSelection = Literal["all", "early", "middle", "late", "logits"] | list[int]
+"""Which points get noise: every layer, a third of them, explicit indices, or only the final hidden state."""
+
+THIRDS = ("early", "middle", "late")
+
+
+def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder blocks of a Hugging Face causal LM, found without knowing its class.
+
+    Tries the decoder's `layers` attribute (Llama, Qwen2, Mistral, ...), then the only ModuleList
+    whose length equals `config.num_hidden_layers` (GPT-2's `transformer.h`, ...).
+    """
+    get_decoder = getattr(model, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else model
+    layers = getattr(decoder, "layers", None)
+    if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+        return layers
+    num_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    candidates = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == num_layers]
+    if len(candidates) == 1:
+        return candidates[0]
+    raise ModelError(
+        f"cannot find the decoder layers of {type(model).__name__}: no `layers` ModuleList on its decoder and "
+        f"{len(candidates)} ModuleLists of length config.num_hidden_layers={num_layers}; "
+        "ALP needs a Hugging Face decoder-only causal LM"
+    )
+
+
+def select_layers(layers: LayerSelection, num_layers: int) -> list[int]:
+    """Indices of the decoder layers a selection names; thirds split like `tensor_split(range(n), 3)`."""
+    if layers == "all":
+        return list(range(num_layers))
+    if isinstance(layers, str) and layers in THIRDS:
+        chosen = torch.arange(num_layers).tensor_split(3)[THIRDS.index(layers)].tolist()
+        if not chosen:
+            raise ConfigError(f"perturb_layers={layers!r}: a model with {num_layers} layers has no {layers} third")
+        return chosen
+    if isinstance(layers, list):
+        bad = [i for i in layers if not 0 <= i < num_layers]
+        if bad or not layers or len(set(layers)) != len(layers):
+            raise ConfigError(
+                f"perturb_layers={layers}: give distinct layer indices in [0, {num_layers - 1}] (the model has {num_layers} layers)"
+            )
+        return sorted(layers)
+    raise ConfigError(f"perturb_layers={layers!r}: use 'all', 'early', 'middle', 'late', 'logits' or a list of layer indices")
+
+
+class LayerPerturbation:
+    """Learnable noise `sigma_l * eps` on the input of selected decoder layers, active only on demand.
+
+    >>> perturbation = LayerPerturbation(model, layers="all", init_sigma=1e-2)    # doctest: +SKIP
+    >>> with perturbation.active(seed=7):                                          # doctest: +SKIP
+    ...     logits = model(input_ids).logits      # noisy; the same seed gives the same noise
+    >>> perturbation.sigmas()                                                      # doctest: +SKIP
+
+    `layers="logits"` (the ablation) perturbs only the final hidden state, i.e. the output of the last
+    decoder layer, which the final norm and the LM head turn into the logits; nothing else in the
+    network sees noise.
+    """
+
+    def __init__(self, model: nn.Module, *, layers: LayerSelection = "all", init_sigma: float = 1e-2) -> None:
+        if not init_sigma > 0:
+            raise ConfigError(f"init_sigma={init_sigma}: the noise scale must be positive (it is learned as log(sigma))")
+        decoder_layers = find_decoder_layers(model)
+        self.model = model
+        """The model the hooks are attached to (held only to run `calibrate`)."""
+        self.on_logits = layers == "logits"
+        """True for the ablation that perturbs only the final hidden state."""
+        self.layer_indices = [len(decoder_layers) - 1] if self.on_logits else select_layers(layers, len(decoder_layers))
+        """Index of the decoder layer each point hooks (for `logits`: the last layer, on its output)."""
+        self.names = ["logits"] if self.on_logits else [f"layer_{i}" for i in self.layer_indices]
+        """One name per perturbed point, in the order of `log_sigma` (used in metric names)."""
+        device = next(model.parameters()).device
+        self.log_sigma = nn.Parameter(torch.full((len(self.names),), math.log(init_sigma), device=device))
+        """s_l, one per point: sigma_l = exp(s_l). Float32, on the model's device, trained by the RL loss."""
+        self._seed: int | None = None
+        self._handles: list[RemovableHandle] = []
+        for point, index in enumerate(self.layer_indices):
+            layer = decoder_layers[index]
+            if self.on_logits:
+                self._handles.append(layer.register_forward_hook(self._output_hook(point)))
+            else:
+                self._handles.append(layer.register_forward_pre_hook(self._input_hook(point), with_kwargs=True))
+
+    def sigmas(self) -> Tensor:
+        """The current noise scales sigma_l = exp(s_l), one per point, detached."""
+        return self.log_sigma.detach().exp()
+
+    @contextmanager
+    def active(self, *, seed: int) -> Iterator[None]:
+        """Add noise to every forward run inside this block; `seed` (>= 0) fixes the noise.
+
+        One block is meant for one forward pass (and its recompute): a second forward inside the same
+        block draws the same noise again.
+        """
+        if not self._handles:
+            raise RuntimeError("this LayerPerturbation was removed; create a new one to perturb the model again")
+        if self._seed is not None:
+            raise RuntimeError("perturbation.active() blocks cannot be nested")
+        if seed < 0:
+            raise ValueError(f"seed={seed}: noise seeds must be non-negative")
+        self._seed = seed
+        try:
+            yield
+        finally:
+            self._seed = None
+
+    @torch.no_grad()
+    def calibrate(self, input_ids: Tensor, attention_mask: Tensor, *, relative_sigma: float) -> Tensor:
+        """Set sigma_l = relative_sigma * RMS(h_l), measured on real tokens of this batch; return the RMS per point.
+
+        RMS(h_l) is the root mean square over real tokens and hidden units of the hidden state the
+        point perturbs (a layer's input, or the last layer's output for `logits`), without noise.
+        """
+        captured: list[Tensor] = [torch.zeros(()) for _ in self.names]
+        real = attention_mask.bool()
+
+        def capture(point: int, hidden: Tensor) -> None:
+            captured[point] = hidden[real].float().pow(2).mean().sqrt()
+
+        decoder_layers = find_decoder_layers(self.model)
+        handles = []
+        for point, index in enumerate(self.layer_indices):
+            if self.on_logits:
+                hook: Any = lambda module, args, output, point=point: capture(point, _first_tensor(output))
+                handles.append(decoder_layers[index].register_forward_hook(hook))
+            else:
+                hook = lambda module, args, kwargs, point=point: capture(point, _hidden_states(module, args, kwargs))
+                handles.append(decoder_layers[index].register_forward_pre_hook(hook, with_kwargs=True))
+        try:
+            self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        finally:
+            for handle in handles:
+                handle.remove()
+        rms = torch.stack(captured).to(self.log_sigma.device)
+        self.log_sigma.copy_((relative_sigma * rms).log())
+        return rms
+
+    def remove(self) -> None:
+        """Detach the hooks; the model is then exactly as it was before this object existed."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    # -- the hooks -------------------------------------------------------------------------------
+
+    def _noisy(self, point: int, hidden: Tensor) -> Tensor:
+        assert self._seed is not None
+        generator = torch.Generator(device=hidden.device).manual_seed((self._seed * len(self.names) + point) % 2**63)
+        eps = torch.randn(hidden.shape, generator=generator, device=hidden.device, dtype=hidden.dtype)  # (B, T, H)
+        sigma = self.log_sigma[point].exp().to(hidden.dtype)
+        return hidden + sigma * eps
+
+    def _input_hook(self, point: int) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+            if self._seed is None:
+                return None
+            if args:
+                return (self._noisy(point, args[0]), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": self._noisy(point, _hidden_states(module, args, kwargs))}
+
+        return hook
+
+    def _output_hook(self, point: int) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+            if self._seed is None:
+                return None
+            if isinstance(output, tuple):
+                return (self._noisy(point, output[0]), *output[1:])
+            return self._noisy(point, output)
+
+        return hook
+
+
+def _hidden_states(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+    """The residual stream a decoder layer was called with (first positional argument or `hidden_states=`)."""
+    if args:
+        return args[0]
+    if "hidden_states" in kwargs:
+        return kwargs["hidden_states"]
+    raise ModelError(f"{type(module).__name__} was called without hidden states as its first argument or `hidden_states=`")
+
+
+def _first_tensor(output: Any) -> Tensor:
+    return output[0] if isinstance(output, tuple) else output

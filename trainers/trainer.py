@@ -1,0 +1,332 @@
+"""ALPTrainer: one RL update of a Hugging Face causal LM from a batch of Trajectory records.
+
+`step(trajectories)` reads top to bottom: pad the episodes into tensors, compute GRPO advantages per
+group, split the batch into `updates_per_batch` shuffled mini-batches (one AdamW step each) of
+`micro_batch_size` micro-batches (gradient accumulation), and for each micro-batch run the update
+forward (perturbed for ALP), the policy loss against the algorithm's behavior log-probs, and backward.
+
+`TrainerConfig.algo` picks the algorithm; every one uses the same loss function (losses.py):
+
+    algo    ratio denominator          perturbation  extra
+    alp     engine log-probs mu        yes           -
+    bypass  engine log-probs mu        no            -
+    grpo    recomputed pi_old          no            -
+    tis     recomputed pi_old          no            x min(pi_old / mu, cap)
+    mis     recomputed pi_old          no            x pi_old / mu, masked outside [low, high]
+    gspo    recomputed pi_old          no            geometric sequence ratio, clip 1 -/+ (3e-4, 4e-4)
+
+pi_old is the policy before the step's first optimizer update, recomputed without noise on the same
+micro-batches; it is computed only for the algorithms that need it.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+from collections.abc import Sequence
+from contextlib import nullcontext
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, ValidationInfo, field_validator
+from torch import Tensor, nn
+
+from alp_agents.config import Config
+from alp_agents.errors import ConfigError, TrajectoryError
+from alp_agents.trajectory import Trajectory
+from alp_agents.trainers.advantages import grpo_advantages
+from alp_agents.trainers.batching import Batch, collate
+from alp_agents.trainers.logprobs import token_logprobs
+from alp_agents.trainers.losses import (
+    LossDiagnostics,
+    PolicyLossConfig,
+    aggregate,
+    importance_weights,
+    k3_kl,
+    loss_units,
+    policy_loss,
+)
+from alp_agents.trainers.metrics import advantage_metrics, loss_metrics, mismatch_metrics, sigma_metrics
+from alp_agents.trainers.perturbation import LayerPerturbation, LayerSelection
+
+logger = logging.getLogger(__name__)
+
+Algo = Literal["alp", "bypass", "grpo", "tis", "mis", "gspo"]
+RECOMPUTES_OLD_POLICY = ("grpo", "tis", "mis", "gspo")
+GSPO_LOSS_DEFAULTS = {"level": "geometric", "clip_low": 3e-4, "clip_high": 4e-4, "dual_clip": None}
+"""GSPO's published settings, applied to every `loss` field the config leaves unset when algo='gspo'."""
+
+
+class TrainerConfig(Config):
+    """How ALPTrainer updates the policy: the algorithm, its loss, the optimizer and the batching."""
+
+    algo: Algo = "alp"
+    """alp | bypass | grpo | tis | mis | gspo (the table in the trainer's module docstring)."""
+    loss: PolicyLossConfig = Field(default_factory=PolicyLossConfig, validate_default=True)
+    """Ratio level, clip ranges, clamp, aggregation and the TIS/MIS bounds (for gspo, unset fields take GSPO's values)."""
+    lr: float = Field(default=1e-6, gt=0.0)
+    """AdamW learning rate of the model's weights (1e-6 suits 0.5B-7B models; the tiny model learns at ~1e-4)."""
+    sigma_lr: float = Field(default=1e-3, ge=0.0)
+    """AdamW learning rate of log(sigma), in its own parameter group without weight decay (alp only)."""
+    sigma_init: Literal["relative", "absolute"] = "relative"
+    """'relative': sigma_l = init_sigma * RMS of layer l's input, measured on the first batch; 'absolute': sigma_l = init_sigma."""
+    init_sigma: float = Field(default=3e-3, gt=0.0)
+    """Initial noise scale (relative: 3e-3 is about the hidden-state error of a bfloat16 engine)."""
+    perturb_layers: LayerSelection = "all"
+    """Points that get noise: 'all', 'early' | 'middle' | 'late' (thirds), 'logits' (final hidden state only) or indices."""
+    micro_batch_size: int = Field(default=4, ge=1)
+    """Episodes per forward/backward; gradients of the micro-batches of one update are accumulated."""
+    updates_per_batch: int = Field(default=4, ge=1)
+    """Optimizer steps per call of step(): the batch is split into this many shuffled mini-batches."""
+    grad_clip: float = Field(default=1.0, gt=0.0)
+    """Max gradient norm, applied to the model's weights and to log(sigma) separately."""
+    weight_decay: float = Field(default=0.01, ge=0.0)
+    """AdamW weight decay of matrices (biases, norms and log(sigma) get none)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    logprob_chunk_size: int = Field(default=1024, ge=1)
+    """Token positions whose logits exist at once in token_logprobs (memory ~ chunk * vocabulary * 4 bytes)."""
+    temperature: float = Field(default=1.0, gt=0.0)
+    """Sampling temperature of the rollouts: log-probs are computed from logits / temperature, like the engine's."""
+    kl_coef: float = Field(default=0.0, ge=0.0)
+    """Weight of the k3 KL penalty to the initial model (kept as a frozen copy when > 0)."""
+    adv_eps: float = Field(default=1e-6, gt=0.0)
+    """eps in (R - mean) / (std + eps)."""
+    adv_normalize_std: bool = True
+    """Divide advantages by the group's reward std (False: Dr. GRPO's mean-centred rewards)."""
+    gradient_checkpointing: bool = False
+    """Recompute decoder activations in backward (less memory, ~30% more time); the noise is recomputed identically."""
+    seed: int = Field(default=0, ge=0)
+    """Seeds the mini-batch shuffle and every noise draw: same seed, model and data give the same step."""
+
+    @field_validator("loss", mode="after")
+    @classmethod
+    def _gspo_loss(cls, loss: PolicyLossConfig, info: ValidationInfo) -> PolicyLossConfig:
+        if info.data.get("algo") != "gspo":
+            return loss
+        if "level" in loss.model_fields_set and loss.level != "geometric":
+            raise ValueError(f"algo='gspo' is the geometric sequence ratio; loss.level={loss.level!r} contradicts it")
+        unset = {key: value for key, value in GSPO_LOSS_DEFAULTS.items() if key not in loss.model_fields_set}
+        return loss.model_copy(update=unset)
+
+
+class ALPTrainer:
+    """Updates `model` in place from batches of trajectories with the algorithm `cfg.algo`.
+
+    >>> trainer = ALPTrainer(model, TrainerConfig(algo="alp", lr=1e-5))   # doctest: +SKIP
+    >>> metrics = trainer.step(trajectories)                               # doctest: +SKIP
+    >>> engine.update_weights(trainer.policy_state_dict())                 # doctest: +SKIP
+    """
+
+    def __init__(self, model: nn.Module, cfg: TrainerConfig) -> None:
+        self.cfg = cfg
+        self.model = model
+        """The policy being trained (in train mode)."""
+        model.train()
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.reference = copy.deepcopy(model).eval().requires_grad_(False) if cfg.kl_coef > 0 else None
+        """Frozen copy of the initial model for the KL penalty (None when kl_coef is 0); copied before any hook exists."""
+        self.perturbation = (
+            LayerPerturbation(model, layers=cfg.perturb_layers, init_sigma=cfg.init_sigma) if cfg.algo == "alp" else None
+        )
+        """The ALP noise (None for every other algo)."""
+        self.optimizer = build_optimizer(model, self.perturbation, cfg)
+        """AdamW over the model's weights (decay / no-decay groups) and, for alp, log(sigma)."""
+        self.num_updates = 0
+        """Optimizer updates attempted so far, applied or skipped (each one seeds its own noise)."""
+        self.num_skipped_updates = 0
+        """Updates whose gradient was not finite: never applied."""
+        self.sigma_calibrated = self.perturbation is None or cfg.sigma_init == "absolute"
+        """False until the first batch has set the relative sigmas."""
+        self._shuffle = torch.Generator().manual_seed(cfg.seed)
+        self._pad_token_id = getattr(model.config, "pad_token_id", None) or 0
+        self._device = next(model.parameters()).device
+
+    # -- the update ------------------------------------------------------------------------------
+
+    def step(self, trajectories: Sequence[Trajectory]) -> dict[str, float]:
+        """Run `updates_per_batch` optimizer updates on these episodes; return the step's metrics (README table)."""
+        cfg = self.cfg
+        batch = collate(trajectories, pad_token_id=self._pad_token_id, device=self._device)
+        if len(batch) < cfg.updates_per_batch:
+            raise TrajectoryError(f"step() got {len(batch)} trajectories but updates_per_batch={cfg.updates_per_batch} needs at least that many")
+        group_advantages = grpo_advantages(batch.rewards, batch.group_ids, eps=cfg.adv_eps, normalize_std=cfg.adv_normalize_std)
+        advantages = group_advantages.advantages  # (N,)
+        order = torch.randperm(len(batch), generator=self._shuffle).to(self._device)
+        plan = [update.split(cfg.micro_batch_size) for update in order.tensor_split(cfg.updates_per_batch)]
+        micro = [[batch.rows(rows) for rows in update] for update in plan]  # micro[u][m]: Batch
+        if not self.sigma_calibrated:
+            self._calibrate_sigma(micro[0][0])
+        old = self._frozen_logprobs(self.model, micro) if cfg.algo in RECOMPUTES_OLD_POLICY else None
+        ref = self._frozen_logprobs(self.reference, micro) if self.reference is not None else None
+
+        diagnostics: list[LossDiagnostics] = []
+        entropies, train_side, infer_side = [], [], []
+        sums = {"loss/policy": 0.0, "loss/kl": 0.0, "loss/total": 0.0}
+        grad_norms: dict[str, list[float]] = {"policy": [], "sigma": []}
+        skipped_before = self.num_skipped_updates
+        for u, update in enumerate(micro):
+            units = sum(loss_units(mb.loss_mask, cfg.loss.aggregation) for mb in update)
+            for m, mb in enumerate(update):
+                share = loss_units(mb.loss_mask, cfg.loss.aggregation) / max(units, 1)
+                with self._noise(m):
+                    logprobs, entropy = token_logprobs(
+                        self.model, mb.input_ids, mb.attention_mask, chunk_size=cfg.logprob_chunk_size, temperature=cfg.temperature
+                    )  # (b, t) each
+                behavior = old[u][m] if old is not None else mb.infer_logprobs
+                weights = None
+                if cfg.algo in ("tis", "mis"):
+                    assert old is not None
+                    weights = importance_weights(old[u][m], mb.infer_logprobs, mb.loss_mask, cfg.loss, kind=cfg.algo)
+                pg_loss, diag = policy_loss(logprobs, behavior, advantages[plan[u][m]], mb.loss_mask, cfg.loss, weights=weights)
+                kl_loss = aggregate(k3_kl(logprobs, ref[u][m]), mb.loss_mask, cfg.loss.aggregation) if ref is not None else pg_loss.new_zeros(())
+                loss = pg_loss + cfg.kl_coef * kl_loss
+                (loss * share).backward()
+
+                diagnostics.append(diag)
+                entropies.append(entropy[mb.loss_mask])
+                if u == 0:  # before any weight change: the train-inference mismatch alone, no staleness
+                    train_side.append((old[u][m] if old is not None else logprobs.detach())[mb.loss_mask])
+                    infer_side.append(mb.infer_logprobs[mb.loss_mask])
+                for name, value in (("loss/policy", pg_loss), ("loss/kl", kl_loss), ("loss/total", loss)):
+                    sums[name] += float(value.detach()) * share / cfg.updates_per_batch
+            policy_norm, sigma_norm = self._apply_gradients()
+            grad_norms["policy"].append(policy_norm)
+            grad_norms["sigma"].append(sigma_norm)
+
+        metrics = dict(sums)
+        metrics.update(loss_metrics(diagnostics))
+        metrics.update(mismatch_metrics(torch.cat(train_side), torch.cat(infer_side)))
+        metrics.update(advantage_metrics(group_advantages))
+        metrics["entropy/mean"] = float(torch.cat(entropies).double().mean()) if sum(e.numel() for e in entropies) else float("nan")
+        metrics["grad/policy_norm"] = _mean(grad_norms["policy"])
+        metrics["grad/policy_norm_max"] = max(grad_norms["policy"])
+        if self.perturbation is not None:
+            metrics["grad/sigma_norm"] = _mean(grad_norms["sigma"])
+            metrics.update(sigma_metrics(self.perturbation.names, self.perturbation.sigmas()))
+        metrics["perf/tokens"] = float(batch.loss_mask.sum())
+        metrics["perf/sequences"] = float(len(batch))
+        metrics["perf/skipped_updates"] = float(self.num_skipped_updates - skipped_before)
+        return metrics
+
+    def _noise(self, micro_index: int) -> Any:
+        """The perturbation's `active` block for this micro-batch of the current update (a no-op without ALP)."""
+        if self.perturbation is None:
+            return nullcontext()
+        return self.perturbation.active(seed=noise_seed(self.cfg.seed, self.num_updates, micro_index, _rank()))
+
+    @torch.no_grad()
+    def _frozen_logprobs(self, model: nn.Module, micro: list[list[Batch]]) -> list[list[Tensor]]:
+        """Log-probs of `model` without noise or gradient on each micro-batch (pi_old or the reference)."""
+        chunk, temperature = self.cfg.logprob_chunk_size, self.cfg.temperature
+        return [
+            [token_logprobs(model, mb.input_ids, mb.attention_mask, chunk_size=chunk, temperature=temperature)[0] for mb in update]
+            for update in micro
+        ]
+
+    def _apply_gradients(self) -> tuple[float, float]:
+        """Clip, then step AdamW unless a gradient is not finite (then the update is skipped and counted)."""
+        policy = [p for p in self.model.parameters() if p.grad is not None]
+        policy_norm = float(torch.nn.utils.clip_grad_norm_(policy, self.cfg.grad_clip)) if policy else 0.0
+        sigma_norm = 0.0
+        if self.perturbation is not None and self.perturbation.log_sigma.grad is not None:
+            sigma_norm = float(torch.nn.utils.clip_grad_norm_([self.perturbation.log_sigma], self.cfg.grad_clip))
+        if torch.isfinite(torch.tensor([policy_norm, sigma_norm])).all():
+            self.optimizer.step()
+        else:
+            self.num_skipped_updates += 1
+            logger.warning("update %d skipped: gradient norm is not finite (policy %s, sigma %s)", self.num_updates, policy_norm, sigma_norm)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.num_updates += 1
+        return policy_norm, sigma_norm
+
+    def _calibrate_sigma(self, mb: Batch) -> None:
+        assert self.perturbation is not None
+        rms = self.perturbation.calibrate(mb.input_ids, mb.attention_mask, relative_sigma=self.cfg.init_sigma)
+        self.sigma_calibrated = True
+        logger.info("sigma set to %s x the input RMS of each point %s", self.cfg.init_sigma, [round(x, 4) for x in rms.tolist()])
+
+    # -- weights and checkpoints -----------------------------------------------------------------
+
+    def policy_state_dict(self) -> dict[str, Tensor]:
+        """The weights to push to the inference engine: the model's own tensors, each stored once.
+
+        No perturbation parameter is ever included. A tied weight (e.g. lm_head.weight sharing
+        embed_tokens.weight) appears once, under its first name; the engine re-ties it from the model
+        config. The tensors are detached views of the live weights: copy them to keep a snapshot.
+        """
+        weights: dict[str, Tensor] = {}
+        seen: set[tuple[int, int, tuple[int, ...]]] = set()
+        for name, tensor in self.model.state_dict().items():
+            key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+            if tensor.numel() > 0 and key in seen:
+                continue
+            seen.add(key)
+            weights[name] = tensor.detach()
+        return weights
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume bit-exactly: weights, optimizer (sigma group included), sigmas, counters, RNG."""
+        return {
+            "algo": self.cfg.algo,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "log_sigma": self.perturbation.log_sigma.detach().clone() if self.perturbation is not None else None,
+            "reference": self.reference.state_dict() if self.reference is not None else None,
+            "num_updates": self.num_updates,
+            "num_skipped_updates": self.num_skipped_updates,
+            "sigma_calibrated": self.sigma_calibrated,
+            "shuffle_rng": self._shuffle.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a `state_dict()` saved by a trainer with the same algo and model architecture."""
+        if state["algo"] != self.cfg.algo:
+            raise ConfigError(f"checkpoint was saved with algo={state['algo']!r} but this trainer runs algo={self.cfg.algo!r}")
+        if (state["reference"] is None) != (self.reference is None):
+            raise ConfigError("checkpoint and trainer disagree on the KL reference model: set kl_coef as when it was saved")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.perturbation is not None:
+            with torch.no_grad():
+                self.perturbation.log_sigma.copy_(state["log_sigma"])
+        if self.reference is not None:
+            self.reference.load_state_dict(state["reference"])
+        self.num_updates = state["num_updates"]
+        self.num_skipped_updates = state["num_skipped_updates"]
+        self.sigma_calibrated = state["sigma_calibrated"]
+        self._shuffle.set_state(state["shuffle_rng"])
+
+
+def build_optimizer(model: nn.Module, perturbation: LayerPerturbation | None, cfg: TrainerConfig) -> torch.optim.AdamW:
+    """AdamW with up to three groups: matrices (weight decay), vectors (biases, norms: none), log(sigma) (own lr, none)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
+    groups: list[dict[str, Any]] = [
+        {"params": decay, "weight_decay": cfg.weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+    ]
+    if perturbation is not None:
+        groups.append({"params": [perturbation.log_sigma], "weight_decay": 0.0, "lr": cfg.sigma_lr, "name": "sigma"})
+    groups = [group for group in groups if group["params"]]
+    for group in groups:
+        logger.info("optimizer group %s: %d tensors, %d parameters", group["name"], len(group["params"]), sum(p.numel() for p in group["params"]))
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+def noise_seed(*parts: int) -> int:
+    """A 63-bit seed that differs for every (config seed, update, micro-batch, rank) combination."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _rank() -> int:
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return torch.distributed.get_rank() if distributed else 0
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
