@@ -1,1 +1,34 @@
-"""The tool protocol and registry, tool-call parsing, and built-in tools (installed as `alp_agents.tools`)."""
+"""Tools the model can call, how its calls are read, and the sandbox that runs its code.
+
+Installed as `alp_agents.tools`:
+
+- `Tool`, `@tool`, `ToolRegistry`, `ToolResult` (base.py): define tools and execute calls; a bad
+  call becomes a failed result the model can read, never an exception.
+- `parse_tool_calls`, `ToolCallError` (parsing.py): the calls in an assistant turn (Hermes/Qwen
+  `<tool_call>` JSON, or ```python blocks).
+- `Calculator` (calculator.py): exact arithmetic through a parser, never `eval`.
+- `PythonSandbox`, `ExecResult` (sandbox.py): untrusted code in a bubblewrap sandbox with limits.
+- `PythonTool` (python_tool.py): the `python` tool on top of the sandbox.
+"""
+
+from alp_agents.tools.base import FunctionTool, Tool, ToolRegistry, ToolResult, tool
+from alp_agents.tools.calculator import Calculator, CalculatorError
+from alp_agents.tools.parsing import ParseStyle, ToolCallError, parse_tool_calls
+from alp_agents.tools.python_tool import PythonTool
+from alp_agents.tools.sandbox import ExecResult, PythonSandbox
+
+__all__ = [
+    "Calculator",
+    "CalculatorError",
+    "ExecResult",
+    "FunctionTool",
+    "ParseStyle",
+    "PythonSandbox",
+    "PythonTool",
+    "Tool",
+    "ToolCallError",
+    "ToolRegistry",
+    "ToolResult",
+    "parse_tool_calls",
+    "tool",
+]
