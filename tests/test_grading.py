@@ -1,0 +1,286 @@
+"""Math grading: extraction, equivalence on the real eval sets, near misses, and the killable sympy workers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from alp_agents.envs import grading
+from alp_agents.envs.grading import extract_answer, grade, is_equivalent
+from conftest import DATA_DIR
+
+
+def _rows(name: str) -> list[dict]:
+    with open(DATA_DIR / f"{name}.jsonl", encoding="utf-8") as file:
+        return [json.loads(line) for line in file]
+
+
+def _sample(rows: list[dict], size: int) -> list[dict]:
+    return rows if len(rows) <= size else random.Random(0).sample(rows, size)
+
+
+# ------------------------------------------------------------------------------------------------
+# Extraction
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("response", "expected"),
+    [
+        ("so $x = \\boxed{\\frac{1}{2}}$.", "\\frac{1}{2}"),
+        ("first \\boxed{1}, then \\boxed{\\sqrt{\\frac{a}{b}}}", "\\sqrt{\\frac{a}{b}}"),  # last box, nested braces
+        ("\\fbox{42} is it", "42"),
+        ("\\boxed 7.", "7."),
+        ("Final Answer: The final answer is $18$. I hope it is correct.", "18"),
+        ("The final answer is 18. I hope it is correct.", "18"),
+        ("She earns 18 dollars.\n#### 18", "18"),
+        ("#### 1,000\n", "1,000"),
+        ("Answer: (B)\nbecause ...", "(B)"),
+        ("so the answer is $$\n\\frac{3}{4}\n$$ indeed", "\\frac{3}{4}"),
+        ("the answer: \\(x+1\\)", "x+1"),
+        ("no marker here, just 5", None),
+        ("\\boxed{unclosed", None),
+    ],
+)
+def test_extract_answer(response, expected):
+    assert extract_answer(response) == expected
+
+
+def test_grade_uses_the_whole_text_when_nothing_is_marked():
+    assert grade("  25 \n", "025")
+    assert not grade("I think it is 25", "25")  # prose is not an answer
+    assert grade("We get \\boxed{1,\\!000} apples.", "1000")
+    assert not grade("We get \\boxed{100} apples, not 1000.", "1000")  # the box wins over the prose
+
+
+# ------------------------------------------------------------------------------------------------
+# The real eval sets: every gold equals itself, boxed or not, and the reference solutions grade True
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "size"),
+    [("math500_test", 500), ("aime24", 30), ("aime25", 30), ("gsm8k_test", 300), ("olympiadbench", 300), ("minerva_math", 272)],
+)
+def test_each_gold_answer_grades_true_against_itself_and_boxed(name, size):
+    failures = []
+    for row in _sample(_rows(name), size):
+        gold = row["answer"]
+        if not is_equivalent(gold, gold):
+            failures.append(("itself", gold))
+        if not grade(f"Therefore the answer is $\\boxed{{{gold}}}$.", gold):
+            failures.append(("boxed", gold))
+    assert failures == []
+
+
+@pytest.mark.parametrize("name", ["math500_test", "gsm8k_test", "minerva_math"])
+def test_reference_solutions_grade_true(name):
+    """The datasets' own worked solutions (boxed for MATH/Minerva, `#### N` for GSM8K) are realistic responses."""
+    failures = [(row["id"], row["answer"]) for row in _rows(name) if not grade(row["solution"], row["answer"])]
+    assert failures == []
+
+
+def test_aime_leading_zeros_and_gsm8k_thousands_separators():
+    aime = {row["answer"] for row in _rows("aime24")}
+    assert "025" in aime
+    assert grade("\\boxed{25}", "025") and not grade("\\boxed{250}", "025")
+    raw = [row for row in _rows("gsm8k_test") if row["answer_raw"] != row["answer"]]
+    assert len(raw) == 14
+    assert all(is_equivalent(row["answer_raw"], row["answer"]) for row in raw)
+
+
+def test_a_solution_does_not_grade_true_against_another_problems_different_answer():
+    rows = _sample(_rows("math500_test"), 60)
+    answers = [row["answer"] for row in rows]
+    shifted = answers[1:] + answers[:1]
+    wrong = [(row["answer"], other) for row, other in zip(rows, shifted) if grade(row["solution"], other)]
+    # Only coincidences of value are allowed (e.g. two problems whose answers are both 2).
+    assert all(is_equivalent(gold, other) for gold, other in wrong)
+
+
+# ------------------------------------------------------------------------------------------------
+# Hand-written pairs: conventions that must match, near misses that must not
+# ------------------------------------------------------------------------------------------------
+
+EQUIVALENT = [
+    ("1,000", "1000"), ("1{,}000", "1000"), ("10,\\!080", "10080"), ("11,\\! 111,\\! 111,\\! 100", "11111111100"),
+    ("025", "25"), ("0.5", "\\frac12"), ("1/2", "\\dfrac{1}{2}"), ("\\frac 34", "0.75"), ("\\tfrac{-1}{1997}", "-\\frac{1}{1997}"),
+    ("1\\frac{4}{5}", "\\frac{9}{5}"), ("137 \\frac{1}{2}", "137.5"), ("-.5", "-\\frac{1}{2}"), ("18.0", "18"),
+    ("1.04e-3", "1.04 \\times 10^{-3}"), ("1.39e9", "1390000000"), ("50\\%", "50"), ("50%", "0.5"), ("17.5\\%", "0.175"),
+    ("0.333", "\\frac{1}{3}"), ("0.1667", "\\frac{1}{6}"), ("1.414", "\\sqrt{2}"), ("3.1416", "\\pi"),
+    ("$\\left( 3, \\frac{\\pi}{2} \\right)$", "(3,\\frac{\\pi}{2})"), ("5.", "5"), ("\\$18.90", "18.9"), ("18 dollars", "18"),
+    ("15\\mbox{ cm}^2", "15"), ("5.4 \\text{ cents}", "5.4"), ("90^\\circ", "90"), ("\\frac{270}7\\text{ degrees}", "\\frac{270}{7}"),
+    ("2\\sqrt{2}", "\\sqrt{8}"), ("(x+1)^2", "x^2+2x+1"), ("\\frac{\\sqrt{3}}{3}", "\\frac{1}{\\sqrt3}"), ("\\sqrt[3]{8}", "2"),
+    ("\\sqrt{3+2\\sqrt{2}}", "1+\\sqrt{2}"), ("\\cot x", "\\frac{\\cos x}{\\sin x}"), ("-2 + 7i", "7i-2"), ("e^{i\\pi}", "-1"),
+    ("\\ln 8", "3\\ln 2"), ("\\log_2 8", "3"), ("\\frac{n(n+1)}{2}", "\\frac{n^2+n}{2}"), ("\\binom{6}{2}", "15"), ("|{-3}|", "3"),
+    ("p - q", "-q+p"), ("2^{10}", "1024"), ("\\frac{100!}{2^{50}}", "\\frac{100!}{2^{50}}"),
+    ("[1,2)", "\\left[1,2\\right)"), ("x \\in [-2,7]", "[-2,7]"), ("(2, +\\infty)", "(2,\\infty)"), ("(2, inf)", "(2,\\infty)"),
+    ("(-\\infty, 2) \\cup (3, \\infty)", "(3,\\infty)\\cup(-\\infty,2)"), ("\\{1,2\\}", "2, 1"), ("3, 5, 7", "7,5,3"),
+    ("1 \\pm \\sqrt{19}", "1-\\sqrt{19}, 1+\\sqrt{19}"), ("\\{1\\pm\\sqrt{5},-2\\}", "-2, 1+\\sqrt5, 1-\\sqrt5"),
+    ("(1,1), (3,2)", "\\{(3,2),(1,1)\\}"), ("3 or 5", "5, 3"),
+    ("x = 5", "5"), ("f(x) = x+1", "x+1"), ("y = 2x+3", "2x - y + 3 = 0"), ("5x - 7y + 11z + 4 = 0", "-5x+7y-11z-4=0"),
+    ("x > 2", "2 < x"), ("k \\ge 2", "k \\geqslant 2"),
+    ("(B)", "B"), ("\\text{(B)}", "B"), ("\\textbf{(B)}", "\\text{(B)}"), ("\\text{East}", "east"), ("204_5", "204"), ("4210_{5}", "4210_5"),
+    ("\\begin{pmatrix} -1 & 0 \\\\ 0 & -1 \\end{pmatrix}", "\\begin{bmatrix}-1&0\\\\0&-1\\end{bmatrix}"),
+    ("\\begin{pmatrix} 1/5 \\\\ -18/5 \\end{pmatrix}", "\\begin{pmatrix}\\frac15\\\\-\\frac{18}{5}\\end{pmatrix}"),
+    ("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "(1, 2)"),
+]  # fmt: skip
+
+NEAR_MISSES = [
+    ("5", "-5"), ("0.5", "0.05"), ("\\frac12", "2"), ("1000", "100"), ("1,000", "1,0000"), ("1e3", "1e4"), ("10^{-3}", "10^{3}"),
+    ("9.5", "9.05"), ("3\\frac{1}{2}", "\\frac{3}{2}"), ("50%", "5"), ("17.5%", "1.75"),
+    ("0.13", "\\frac18"), ("0.33", "\\frac13"), ("0.334", "\\frac13"), ("0.666", "\\frac{2}{3}"), ("1.4143", "\\sqrt2"), ("1.41", "1.414"),
+    ("2\\sqrt{2}", "\\sqrt{6}"), ("(x+1)^2", "x^2+1"), ("x^2", "x^3"), ("n+1", "n-1"), ("i", "-i"), ("2 \\pi", "2"), ("5 million", "5"),
+    ("\\frac{1}{2}x", "\\frac{1}{2x}"), ("2^{100}+1", "2^{100}"), ("\\frac{\\pi}{6}", "30"), ("-\\infty", "\\infty"),
+    ("(1,2)", "[1,2)"), ("(1,2]", "(1,2)"), ("(-\\infty, 2)", "(-\\infty, 2]"), ("(1,2)", "(2,1)"), ("(1,2,3)", "(1,2)"),
+    ("\\{1,2\\}", "\\{1,2,3\\}"), ("3, 5", "3, 5, 7"), ("\\{1\\}", "\\{1,1\\}"), ("1 + \\sqrt{19}", "1 \\pm \\sqrt{19}"),
+    ("(1,2)", "\\{1,2\\}"), ("x = 5", "x = 6"), ("y = 2x", "y = -2x"), ("x = 5", "y = 5"), ("x > 2", "x \\ge 2"), ("5", "x = 6"),
+    ("(B)", "C"), ("B", "\\text{(C)}"), ("\\text{east}", "\\text{seat}"), ("204_6", "204_5"),
+    ("\\begin{pmatrix} 1 & 0 \\\\ 0 & 1 \\end{pmatrix}", "\\begin{pmatrix} 1 & 0 \\\\ 0 & -1 \\end{pmatrix}"),
+    ("0", "I(0)e^{-t}"), ("", "0"), ("\\boxed{}", "0"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("pred", "gold"), EQUIVALENT)
+def test_equivalent_pairs_match_both_ways(pred, gold):
+    assert is_equivalent(pred, gold)
+    assert is_equivalent(gold, pred)
+
+
+@pytest.mark.parametrize(("pred", "gold"), NEAR_MISSES)
+def test_near_misses_never_match(pred, gold):
+    assert not is_equivalent(pred, gold)
+    assert not is_equivalent(gold, pred)
+
+
+def test_a_choice_letter_may_be_followed_by_the_option_text():
+    assert grade("The answer is \\textbf{(B)} 42", "\\text{(B)}")
+    assert not grade("The answer is (C) 42", "\\text{(B)}")
+
+
+def test_unreadable_text_is_not_equivalent_and_never_raises():
+    rng = random.Random(0)
+    alphabet = ["\\frac", "{", "}", "(", ")", "[", "]", "^", "_", "1", "x", ",", "=", "\\sqrt", "\\pm", "\\{", "\\}", "|", "!", "\\cup", "$"]
+    for _ in range(150):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12)))
+        assert is_equivalent(text, "7") is False or text.strip("{}()[] $") == "7"
+
+
+# ------------------------------------------------------------------------------------------------
+# Safety: pathological inputs, threads, asyncio, and the worker processes' lifetime
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    "pred", ["9^{9^{9^9}}", "(x+1)^{100000}-x", "100000000!", "1e999999999", "10^{10^{10}} + x^{x^{x^{x}}}"]
+)
+def test_pathological_input_is_false_and_the_pool_recovers(pred):
+    assert not is_equivalent(pred, "x^2+1", timeout_s=0.5)
+    assert is_equivalent("2\\sqrt{3}", "\\sqrt{12}")  # a killed worker was replaced
+    pool = grading._pool()
+    assert len(pool.workers) <= grading._POOL_SIZE
+
+
+def test_a_timed_out_worker_is_killed_and_reaped():
+    pool = grading._pool()
+    is_equivalent("\\sqrt{8}", "2\\sqrt2")  # make sure a worker exists
+    before = {worker.process.pid: worker.process for worker in pool.workers}
+    assert before
+    for _ in range(len(before)):
+        assert not is_equivalent("9^{9^{9^9}}", "\\sqrt2", timeout_s=0.3)
+    killed = [process for pid, process in before.items() if pid not in {w.process.pid for w in pool.workers}]
+    assert killed
+    assert all(process.returncode == -signal.SIGKILL for process in killed)
+
+
+def test_thread_safe_results_equal_serial_results():
+    pairs = EQUIVALENT[:30] + NEAR_MISSES[:30]
+    serial = [is_equivalent(pred, gold) for pred, gold in pairs]
+    with ThreadPoolExecutor(max_workers=8) as executor:
+        threaded = list(executor.map(lambda pair: is_equivalent(*pair), pairs * 3))
+    assert threaded == serial * 3
+
+
+def test_grade_from_asyncio_threads_and_inside_a_running_loop():
+    async def main() -> tuple[list[bool], bool]:
+        results = await asyncio.gather(
+            asyncio.to_thread(grade, "\\boxed{\\sqrt{8}}", "2\\sqrt{2}"),
+            asyncio.to_thread(grade, "\\boxed{9^{9^{9^9}}}", "1", timeout_s=0.5),
+            asyncio.to_thread(grade, "#### 18", "18"),
+            asyncio.to_thread(grade, "\\boxed{(1,2]}", "(1,2)"),
+        )
+        return list(results), grade("\\boxed{x^2+2x+1}", "(x+1)^2")  # blocking call inside the loop
+
+    results, inside = asyncio.run(main())
+    assert results == [True, False, True, False]
+    assert inside
+
+
+def _run_script(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, check=True)
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process exists and is not a zombie (an orphan's zombie may wait for a busy init)."""
+    status = Path(f"/proc/{pid}/status")
+    try:
+        return "State:\tZ" not in status.read_text()
+    except FileNotFoundError:
+        return False
+
+
+def _wait_until_gone(pids: list[int], seconds: float) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and any(map(_alive, pids)):
+        time.sleep(0.1)
+    return [pid for pid in pids if _alive(pid)]
+
+
+def test_importing_starts_nothing():
+    result = _run_script(
+        "import sys; import alp_agents.envs.grading as g; "
+        "print(g._pool_instance is None, 'alp_agents.envs.latex' in sys.modules)"
+    )
+    assert result.stdout.split() == ["True", "False"]
+
+
+def test_workers_are_killed_when_the_interpreter_exits():
+    result = _run_script(
+        "from alp_agents.envs import grading; grading.is_equivalent('\\\\sqrt8', '2\\\\sqrt2'); "
+        "print(*[w.process.pid for w in grading._pool().workers])"
+    )
+    pids = [int(pid) for pid in result.stdout.split()]
+    assert pids
+    assert _wait_until_gone(pids, 10) == []
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("busy", [False, True], ids=["idle", "busy"])
+def test_workers_die_when_the_parent_is_killed(busy):
+    """No orphans even on SIGKILL of the parent: an idle worker sees end of file, a busy one hits its CPU limit."""
+    code = (
+        "import os, signal, sys, threading, time\n"
+        "from alp_agents.envs import grading\n"
+        "grading.is_equivalent('\\\\sqrt8', '2\\\\sqrt2')\n"
+        "print(*[w.process.pid for w in grading._pool().workers], flush=True)\n"
+        f"if {busy}:\n"
+        "    threading.Thread(target=grading.is_equivalent, args=('9^{9^{9^9}}', '1'), kwargs={'timeout_s': 1.0}).start()\n"
+        "    time.sleep(0.5)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    process = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert process.returncode == -signal.SIGKILL
+    pids = [int(pid) for pid in process.stdout.split()]
+    assert pids
+    assert _wait_until_gone(pids, 30) == []
