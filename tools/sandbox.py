@@ -74,7 +74,15 @@ _CGROUP_CONTROLLERS = ("memory", "pids")
 _SCRATCH = "/tmp"
 """Working directory of the program inside the bwrap sandbox: a fresh tmpfs."""
 
-_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONIOENCODING": "utf-8"}
+_ENV = {
+    "PATH": "/usr/local/bin:/usr/bin:/bin",
+    "LANG": "C.UTF-8",
+    "PYTHONIOENCODING": "utf-8",
+    # One thread per numeric library: their default of one per core would exceed max_processes.
+    "OMP_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+}
 """The whole environment of the sandboxed program (plus HOME, set to its scratch directory)."""
 
 _JOIN_CGROUPS = 'for f in "$1" "$2"; do echo $$ > "$f" || exit 125; done; shift 2; exec "$@"'
