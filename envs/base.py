@@ -16,11 +16,12 @@ from __future__ import annotations
 import asyncio
 import string
 from collections.abc import Coroutine, Mapping, Sequence
-from typing import Any, Literal, TypedDict, TypeVar
+from typing import Any, Literal, TypeVar
 
 import gymnasium
 from gymnasium import spaces
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from typing_extensions import TypedDict  # pydantic can validate typing.TypedDict only from Python 3.12
 
 from alp_agents.envs.tasks import Task
 from alp_agents.errors import EnvError

@@ -1,0 +1,49 @@
+"""MathEnv: one question, one answer; the reward says whether the answer is right.
+
+    reward = 1.0 if grade(response, gold) else 0.0,  minus `format_penalty` when no answer is marked
+
+`grade` reads the last `\\boxed{...}` (or "The final answer is ...", `#### ...`) and compares it
+with the gold answer mathematically (see `alp_agents.envs.grading`); with no marker it compares the
+whole response. The episode always ends after the first turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Sequence
+
+from alp_agents.envs.base import TextEnv, TurnResult
+from alp_agents.envs.grading import extract_answer, grade
+from alp_agents.envs.tasks import Task
+from alp_agents.errors import EnvError
+
+MATH_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+class MathEnv(TextEnv):
+    """Single-turn math problems graded against their gold answer."""
+
+    def __init__(
+        self,
+        *,
+        tasks: Sequence[Task] | None = None,
+        system_prompt: str | None = MATH_SYSTEM_PROMPT,
+        format_penalty: float = 0.0,
+        grade_timeout_s: float = 2.0,
+    ) -> None:
+        """`format_penalty`: subtracted from the reward when the response marks no final answer
+        (0 by default); `grade_timeout_s`: budget of the symbolic comparison, after which the answer
+        counts as wrong."""
+        super().__init__(tasks=tasks, max_turns=1, system_prompt=system_prompt)
+        if not (math.isfinite(format_penalty) and format_penalty >= 0):
+            raise EnvError(f"format_penalty must be a finite number >= 0 (it is subtracted), got {format_penalty}")
+        self.format_penalty = format_penalty
+        self.grade_timeout_s = grade_timeout_s
+
+    async def respond(self, action: str) -> TurnResult:
+        """Grade the response; the episode ends here."""
+        answer = extract_answer(action)
+        correct = await asyncio.to_thread(grade, action, self.task.answer, timeout_s=self.grade_timeout_s)
+        penalty = self.format_penalty if answer is None else 0.0
+        return TurnResult(reward=float(correct) - penalty, terminated=True, void_turn=answer is None, answer=answer, correct=correct)

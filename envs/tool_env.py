@@ -1,0 +1,112 @@
+"""ToolEnv: multi-turn tool-integrated reasoning on math problems.
+
+Each assistant turn may call tools; every call gets one `tool` message back, and the episode goes on.
+
+    turn with tool calls             -> run them (concurrently), reply with one tool message per call
+    no call, a marked final answer   -> terminated; reward 1.0 if the answer equals the gold answer, else 0.0
+    no call and no answer            -> terminated; reward -format_penalty (0 by default); a void turn
+    `max_turns` turns without ending -> truncated (by TextEnv); reward 0
+
+A call that cannot be parsed, names an unknown tool, has invalid arguments, or fails in the tool
+comes back as a tool message saying exactly what was wrong; it never raises. Such a turn counts in
+`info["tool_errors"]`, and is a void turn when none of its calls succeeded. Tool output longer than
+`max_tool_output_chars` is cut there and marked `...[truncated]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from alp_agents.envs.base import TextEnv, ToolCallStyle, TurnResult
+from alp_agents.envs.grading import extract_answer, is_equivalent
+from alp_agents.envs.tasks import Task
+from alp_agents.errors import EnvError
+from alp_agents.tools import Calculator, ToolCallError, ToolRegistry, parse_tool_calls
+from alp_agents.trajectory import Message, ToolCall
+
+TOOL_SYSTEM_PROMPT = (
+    "Solve the problem step by step. Call the tools whenever they help; each result comes back in a "
+    "tool message. When you are done, put your final answer within \\boxed{}."
+)
+TRUNCATION_MARKER = "...[truncated]"
+CHARS_PER_TOKEN = 4
+"""Rough characters per token of English and numbers, to turn a token budget into characters."""
+
+
+class ToolEnv(TextEnv):
+    """Math problems solved with tools (default: the calculator) over several turns."""
+
+    def __init__(
+        self,
+        *,
+        tasks: Sequence[Task] | None = None,
+        tools: ToolRegistry | None = None,
+        tool_call_style: ToolCallStyle = "hermes",
+        max_turns: int = 4,
+        max_tool_output_chars: int = 256 * CHARS_PER_TOKEN,
+        format_penalty: float = 0.0,
+        system_prompt: str | None = TOOL_SYSTEM_PROMPT,
+        grade_timeout_s: float = 2.0,
+    ) -> None:
+        """`tools`: the registry the model may call (default: a calculator; the caller keeps
+        ownership of a registry it passes, so one registry can serve many envs); `tool_call_style`:
+        "hermes" for `<tool_call>{json}</tool_call>`, "python" for ```python fences run by the
+        "python" tool; `max_tool_output_chars`: the budget of one tool message (256 tokens' worth);
+        `format_penalty`: subtracted when the model stops with neither a call nor an answer."""
+        super().__init__(tasks=tasks, max_turns=max_turns, system_prompt=system_prompt)
+        self.tools = tools if tools is not None else ToolRegistry([Calculator()])
+        if len(self.tools) == 0:
+            raise EnvError("ToolEnv got an empty tool registry: register at least one tool, or use MathEnv for problems without tools")
+        if tool_call_style not in ("hermes", "python"):
+            raise EnvError(f"tool_call_style must be 'hermes' or 'python', got {tool_call_style!r}")
+        if tool_call_style == "python" and "python" not in self.tools:
+            raise EnvError(
+                f"tool_call_style='python' sends ```python blocks to a tool named 'python', but the registry has only "
+                f"{self.tools.names}: register PythonTool() (alp_agents.tools) or use tool_call_style='hermes'"
+            )
+        if max_tool_output_chars < 1:
+            raise EnvError(f"max_tool_output_chars must be at least 1, got {max_tool_output_chars}")
+        if not (math.isfinite(format_penalty) and format_penalty >= 0):
+            raise EnvError(f"format_penalty must be a finite number >= 0 (it is subtracted), got {format_penalty}")
+        self.tool_call_style: ToolCallStyle = tool_call_style
+        self.max_tool_output_chars = max_tool_output_chars
+        self.format_penalty = format_penalty
+        self.grade_timeout_s = grade_timeout_s
+
+    def tool_schemas(self) -> list[dict[str, Any]]:
+        """The registry's function schemas."""
+        return self.tools.schemas()
+
+    async def respond(self, action: str) -> TurnResult:
+        """Run the turn's tool calls, or grade its final answer."""
+        calls = parse_tool_calls(action, style=self.tool_call_style)
+        if calls:
+            replies = await asyncio.gather(*(self._reply(call) for call in calls))
+            failures = sum(not ok for _, ok in replies)
+            return TurnResult(
+                messages=[message for message, _ in replies],
+                tool_calls=len(calls),
+                parsed_tool_calls=[call for call in calls if isinstance(call, ToolCall)],
+                tool_errors=failures,
+                void_turn=failures == len(calls),
+            )
+        answer = extract_answer(action)
+        if answer is None:  # the model stopped without calling a tool or answering
+            return TurnResult(reward=-self.format_penalty, terminated=True, void_turn=True)
+        correct = await asyncio.to_thread(is_equivalent, answer, self.task.answer, timeout_s=self.grade_timeout_s)
+        return TurnResult(reward=float(correct), terminated=True, answer=answer, correct=correct)
+
+    async def _reply(self, call: ToolCall | ToolCallError) -> tuple[Message, bool]:
+        """The tool message answering one call, and whether the call succeeded."""
+        if isinstance(call, ToolCallError):
+            return Message(role="tool", content=self._clip(f"Error: {call.message}")), False
+        result = await self.tools.aexecute(call)
+        return Message(role="tool", name=call.name, tool_call_id=call.id, content=self._clip(result.content)), result.ok
+
+    def _clip(self, text: str) -> str:
+        if len(text) <= self.max_tool_output_chars:
+            return text
+        return text[: self.max_tool_output_chars] + TRUNCATION_MARKER

@@ -1,0 +1,99 @@
+"""The README's "Write your own environment in 30 lines" examples, verbatim, and what they do.
+
+Each example sits between `# --- README:` markers exactly as the README shows it (imports included);
+importing this module runs its `check_env` calls, and the tests below play episodes by hand.
+"""
+
+# --- README: a new tool environment ---------------------------------------------------------
+from alp_agents.envs import Task, ToolEnv, check_env
+from alp_agents.tools import ToolRegistry, tool
+
+METRES = {"km": 1000.0, "m": 1.0, "cm": 0.01, "mile": 1609.344, "inch": 0.0254}
+
+
+@tool
+def convert(value: float, from_unit: str, to_unit: str) -> float:
+    """Convert a length between units: km, m, cm, mile or inch.
+
+    Args:
+        value: The length to convert.
+        from_unit: The unit it is given in.
+        to_unit: The unit to express it in.
+    """
+    return round(value * METRES[from_unit] / METRES[to_unit], 4)
+
+
+tasks = [
+    Task(id="marathon", prompt="How many miles is a 42.195 km marathon? Round to 2 decimals.", answer="26.22"),
+    Task(id="screen", prompt="How many centimetres is a 27 inch screen?", answer="68.58"),
+]
+env = ToolEnv(tasks=tasks, tools=ToolRegistry([convert]), max_turns=3)
+check_env(env)
+# --- end of README ----------------------------------------------------------------------------
+
+# --- README: an environment from scratch ----------------------------------------------------
+from alp_agents.envs import Task, TextEnv, TurnResult, check_env  # noqa: E402, F811
+from alp_agents.trajectory import Message  # noqa: E402
+
+
+class ReverseEnv(TextEnv):
+    """Spell a word backwards. After a wrong try the env says which letter is wrong; 3 tries."""
+
+    def __init__(self, words: list[str]) -> None:
+        tasks = [Task(id=w, prompt=f"Spell '{w}' backwards. Reply with the word only.", answer=w[::-1]) for w in words]
+        super().__init__(tasks=tasks, max_turns=3)
+
+    async def respond(self, action: str) -> TurnResult:
+        guess, answer = action.strip().lower(), self.task.answer
+        if guess == answer:
+            return TurnResult(reward=1.0, terminated=True, answer=guess, correct=True)
+        wrong = next((i for i, (g, a) in enumerate(zip(guess, answer)) if g != a), min(len(guess), len(answer)))
+        feedback = Message(role="user", content=f"Not yet: letter {wrong + 1} is wrong.")
+        return TurnResult(messages=[feedback], answer=guess or None, correct=False, void_turn=not guess)
+
+
+check_env(ReverseEnv(["gradient", "policy", "token"]))
+# --- end of README ----------------------------------------------------------------------------
+
+import inspect  # noqa: E402
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+
+def test_each_example_is_at_most_30_lines():
+    source = Path(__file__).read_text(encoding="utf-8").split("\n")
+    starts = [i for i, line in enumerate(source) if line.startswith("# --- README:")]
+    ends = [i for i, line in enumerate(source) if line.startswith("# --- end of README")]
+    assert len(starts) == len(ends) == 2
+    for start, end in zip(starts, ends):
+        code = [line for line in source[start + 1 : end] if line.strip()]
+        assert len(code) <= 30, f"README example at line {start + 1} has {len(code)} non-blank lines"
+
+
+def test_the_tool_env_example_plays_an_episode():
+    messages, info = env.reset(options={"task": tasks[0]})
+    assert messages[-1].content == tasks[0].prompt
+    assert info["tools"][0]["function"]["parameters"]["required"] == ["value", "from_unit", "to_unit"]
+    call = {"name": "convert", "arguments": {"value": 42.195, "from_unit": "km", "to_unit": "mile"}}
+    [reply], reward, terminated, _, _ = env.step(f"<tool_call>\n{json.dumps(call)}\n</tool_call>")
+    assert (reply.content, reward, terminated) == ("26.2188", 0.0, False)
+    call["arguments"]["to_unit"] = "furlong"
+    [reply], _, _, _, info = env.step(f"<tool_call>\n{json.dumps(call)}\n</tool_call>")
+    assert reply.content.startswith("Error:") and "furlong" in reply.content and info["tool_errors"] == 1
+    assert env.step("That is \\boxed{26.22} miles.")[1:3] == (1.0, True)
+
+
+def test_the_from_scratch_example_gives_feedback_until_solved_or_out_of_turns():
+    with ReverseEnv(["gradient"]) as reverse:
+        messages, info = reverse.reset(seed=0)
+        assert (messages[-1].content, info["task_id"]) == ("Spell 'gradient' backwards. Reply with the word only.", "gradient")
+        feedback, reward, terminated, truncated, _ = reverse.step("tneidrag")
+        assert (feedback[0].content, reward, terminated, truncated) == ("Not yet: letter 6 is wrong.", 0.0, False, False)
+        assert reverse.step("  Tneidarg ")[1:4] == (1.0, True, False)
+
+        reverse.reset(seed=0)
+        assert [reverse.step("no")[3] for _ in range(3)] == [False, False, True]  # the third wrong try truncates
+
+
+def test_the_from_scratch_example_implements_only_respond():
+    assert [name for name, _ in inspect.getmembers(ReverseEnv, inspect.isfunction) if name in vars(ReverseEnv)] == ["__init__", "respond"]
