@@ -123,8 +123,9 @@ class LayerPerturbation:
     def active(self, *, seed: int) -> Iterator[None]:
         """Add noise to every forward run inside this block; `seed` (>= 0) fixes the noise.
 
-        One block is meant for one forward pass (and its recompute): a second forward inside the same
-        block draws the same noise again.
+        One block is meant for one forward pass and its backward: a second forward inside the same
+        block draws the same noise again. Under gradient checkpointing, run the backward inside the
+        block too, since the recompute runs the layers (and these hooks) again during backward.
         """
         if not self._handles:
             raise RuntimeError("this LayerPerturbation was removed; create a new one to perturb the model again")

@@ -171,19 +171,18 @@ class ALPTrainer:
             units = sum(loss_units(mb.loss_mask, cfg.loss.aggregation) for mb in update)
             for m, mb in enumerate(update):
                 share = loss_units(mb.loss_mask, cfg.loss.aggregation) / max(units, 1)
-                with self._noise(m):
+                behavior = old[u][m] if old is not None else mb.infer_logprobs
+                weights = None
+                if old is not None and cfg.algo in ("tis", "mis"):
+                    weights = importance_weights(old[u][m], mb.infer_logprobs, mb.loss_mask, cfg.loss, kind=cfg.algo)
+                with self._noise(m):  # backward too: a checkpointed layer recomputes its forward, noise included
                     logprobs, entropy = token_logprobs(
                         self.model, mb.input_ids, mb.attention_mask, chunk_size=cfg.logprob_chunk_size, temperature=cfg.temperature
                     )  # (b, t) each
-                behavior = old[u][m] if old is not None else mb.infer_logprobs
-                weights = None
-                if cfg.algo in ("tis", "mis"):
-                    assert old is not None
-                    weights = importance_weights(old[u][m], mb.infer_logprobs, mb.loss_mask, cfg.loss, kind=cfg.algo)
-                pg_loss, diag = policy_loss(logprobs, behavior, advantages[plan[u][m]], mb.loss_mask, cfg.loss, weights=weights)
-                kl_loss = aggregate(k3_kl(logprobs, ref[u][m]), mb.loss_mask, cfg.loss.aggregation) if ref is not None else pg_loss.new_zeros(())
-                loss = pg_loss + cfg.kl_coef * kl_loss
-                (loss * share).backward()
+                    pg_loss, diag = policy_loss(logprobs, behavior, advantages[plan[u][m]], mb.loss_mask, cfg.loss, weights=weights)
+                    kl_loss = aggregate(k3_kl(logprobs, ref[u][m]), mb.loss_mask, cfg.loss.aggregation) if ref is not None else pg_loss.new_zeros(())
+                    loss = pg_loss + cfg.kl_coef * kl_loss
+                    (loss * share).backward()
 
                 diagnostics.append(diag)
                 entropies.append(entropy[mb.loss_mask])
