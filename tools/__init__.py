@@ -11,7 +11,7 @@ Installed as `alp_agents.tools`:
 - `PythonTool` (python_tool.py): the `python` tool on top of the sandbox.
 """
 
-from alp_agents.tools.base import FunctionTool, Tool, ToolRegistry, ToolResult, tool
+from alp_agents.tools.base import FunctionTool, Tool, ToolArgs, ToolRegistry, ToolResult, tool
 from alp_agents.tools.calculator import Calculator, CalculatorError
 from alp_agents.tools.parsing import ParseStyle, ToolCallError, parse_tool_calls
 from alp_agents.tools.python_tool import PythonTool
@@ -26,6 +26,7 @@ __all__ = [
     "PythonSandbox",
     "PythonTool",
     "Tool",
+    "ToolArgs",
     "ToolCallError",
     "ToolRegistry",
     "ToolResult",

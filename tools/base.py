@@ -109,7 +109,7 @@ class Tool(abc.ABC, Generic[A]):
 
 
 class ToolArgs(BaseModel):
-    """Base of argument models built by `@tool`: unknown arguments are errors the model sees."""
+    """Base for argument models (`@tool` uses it): an unknown argument is an error the model sees."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -236,7 +236,7 @@ class ToolRegistry:
 
     def _unknown(self, name: str) -> str:
         message = f"unknown tool {name!r}; available tools: {', '.join(self._tools) or 'none'}"
-        close = difflib.get_close_matches(name, self._tools, n=1)
+        close = difflib.get_close_matches(name, self._tools, n=1, cutoff=0.5)
         return f"{message}. Did you mean {close[0]!r}?" if close else message
 
 

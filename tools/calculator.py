@@ -26,9 +26,9 @@ from collections.abc import Callable
 from fractions import Fraction
 from typing import Annotated
 
-from pydantic import BaseModel, Field, validate_call
+from pydantic import Field, validate_call
 
-from alp_agents.tools.base import Tool
+from alp_agents.tools.base import Tool, ToolArgs
 
 Number = Fraction | float
 """An exact rational, or a float once something irrational was involved."""
@@ -40,7 +40,7 @@ class CalculatorError(ValueError):
     """The expression cannot be evaluated; the message says why."""
 
 
-class CalculatorArgs(BaseModel):
+class CalculatorArgs(ToolArgs):
     """Arguments of the calculator tool."""
 
     expression: str = Field(
@@ -236,8 +236,8 @@ def _describe(node: ast.AST) -> str:
 def format_number(value: Number) -> str:
     """Text for a result: an integer, an exact short decimal, a fraction with its value, or a float."""
     if isinstance(value, float):
-        text = f"{value:.12g}"
-        return str(int(float(text))) if float(text).is_integer() and abs(value) < 1e15 else text
+        # Integral floats print in full while exact (below 2**53); others to 12 significant digits.
+        return str(int(value)) if value.is_integer() and abs(value) < 2**53 else f"{value:.12g}"
     if value.denominator == 1:
         return str(value.numerator)
     twos, fives, rest = 0, 0, value.denominator

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
-from alp_agents.tools.base import Tool
+from alp_agents.tools.base import Tool, ToolArgs
 from alp_agents.tools.sandbox import ExecResult, PythonSandbox
 
 
-class PythonArgs(BaseModel):
+class PythonArgs(ToolArgs):
     """Arguments of the python tool."""
 
     code: str = Field(description="A complete Python 3 program; print() the values you want to see.")

@@ -1,0 +1,105 @@
+"""Tool-call parsing: Hermes/Qwen <tool_call> JSON and ```python blocks, and every way they go wrong."""
+
+from __future__ import annotations
+
+import pytest
+
+from alp_agents.tools import Calculator, ToolCallError, ToolRegistry, parse_tool_calls
+from alp_agents.trajectory import ToolCall
+
+
+def test_several_hermes_calls_in_one_turn() -> None:
+    text = (
+        "I will compute both.\n"
+        '<tool_call>\n{"name": "calculator", "arguments": {"expression": "12 * 34"}}\n</tool_call>\n'
+        '<tool_call>{"name":"python","arguments":{"code":"print(1)"}}</tool_call>'
+    )
+    assert parse_tool_calls(text) == [
+        ToolCall(name="calculator", arguments={"expression": "12 * 34"}),
+        ToolCall(name="python", arguments={"code": "print(1)"}),
+    ]
+
+
+def test_arguments_as_a_json_string_fences_and_ids_are_tolerated() -> None:
+    text = (
+        '<tool_call>{"name": "calculator", "arguments": "{\\"expression\\": \\"1+1\\"}", "id": "c1"}</tool_call>'
+        '<tool_call>\n```json\n{"name": "noop"}\n```\n</tool_call>'
+        '<tool_call>{"name": "f", "parameters": {"x": 1}}</tool_call>'
+    )
+    assert parse_tool_calls(text) == [
+        ToolCall(name="calculator", arguments={"expression": "1+1"}, id="c1"),
+        ToolCall(name="noop", arguments={}),
+        ToolCall(name="f", arguments={"x": 1}),
+    ]
+
+
+def test_text_without_calls_gives_nothing() -> None:
+    assert parse_tool_calls("The answer is 42.") == []
+    assert parse_tool_calls("stray </tool_call> tag") == []
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ('{"name": "calculator", "arguments": {"expression": "1"}', "invalid JSON at char 55: Expecting ',' delimiter"),
+        ("[1, 2]", 'expected a JSON object with "name" and "arguments", got an array'),
+        ('{"arguments": {}}', 'the call has no "name" string'),
+        ('{"name": "f", "arguments": [1]}', '"arguments" must be a JSON object, got an array'),
+        ('{"name": "f", "arguments": "{oops"}', '"arguments" is a string but not valid JSON'),
+    ],
+)
+def test_malformed_calls_become_errors_that_say_what_is_wrong(body: str, message: str) -> None:
+    raw = f"<tool_call>{body}</tool_call>"
+    [error] = parse_tool_calls(f"Let me try. {raw} Done.")
+    assert isinstance(error, ToolCallError)
+    assert error.raw == raw
+    assert error.message.startswith(message), error.message
+
+
+def test_an_unclosed_tag_is_an_error_and_later_calls_still_count() -> None:
+    text = '<tool_call>{"name": "a"}\n<tool_call>{"name": "b"}</tool_call>\n<tool_call>{"name": "c"'
+    first, second, third = parse_tool_calls(text)
+    assert isinstance(first, ToolCallError) and first.message == "<tool_call> is not closed by </tool_call>"
+    assert first.raw == '<tool_call>{"name": "a"}\n'
+    assert second == ToolCall(name="b")
+    assert isinstance(third, ToolCallError) and third.raw == '<tool_call>{"name": "c"'
+
+
+def test_python_style_reads_fenced_blocks_as_python_calls() -> None:
+    text = "First:\n```python\nprint(1)\n```\nThen:\n```py\ns = '```'\nprint(s)\n```\n```text\nnot code\n```"
+    assert parse_tool_calls(text, style="python") == [
+        ToolCall(name="python", arguments={"code": "print(1)\n"}),
+        ToolCall(name="python", arguments={"code": "s = '```'\nprint(s)\n"}),
+    ]
+
+
+def test_python_style_unclosed_block_is_an_error() -> None:
+    [call, error] = parse_tool_calls("```python\nprint(1)\n```\n```python\nprint(2", style="python")
+    assert call == ToolCall(name="python", arguments={"code": "print(1)\n"})
+    assert isinstance(error, ToolCallError) and "not closed" in error.message and error.raw.endswith("print(2")
+
+
+def test_parsed_calls_to_unknown_tools_or_with_bad_arguments_fail_readably() -> None:
+    registry = ToolRegistry([Calculator()])
+    text = (
+        '<tool_call>{"name": "calc", "arguments": {"expression": "1"}}</tool_call>'
+        '<tool_call>{"name": "calculator", "arguments": {"expr": "1"}}</tool_call>'
+        '<tool_call>{"name": "calculator", "arguments": {"expression": "1/0"}}</tool_call>'
+    )
+    results = [registry.execute(call) for call in parse_tool_calls(text) if isinstance(call, ToolCall)]
+    assert [r.ok for r in results] == [False, False, False]
+    assert "unknown tool 'calc'" in results[0].content and "Did you mean 'calculator'" in results[0].content
+    assert "missing required argument 'expression'" in results[1].content
+    assert "unexpected argument 'expr'" in results[1].content
+    assert results[2].content == "Error: CalculatorError: division by zero"
+
+
+def test_unknown_style_is_a_programming_error() -> None:
+    with pytest.raises(ValueError, match="hermes"):
+        parse_tool_calls("x", style="xml")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("text", ["<tool_call>", "<tool_call></tool_call>", "<tool_call>\x00\ud800</tool_call>", "```python", "{}" * 1000])
+def test_garbage_never_raises(text: str) -> None:
+    for style in ("hermes", "python"):
+        parse_tool_calls(text, style=style)  # type: ignore[arg-type]
