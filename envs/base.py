@@ -168,13 +168,13 @@ class TextEnv(gymnasium.Env[list[Message], str]):
     `reset`/`step` cannot be called from inside a running event loop; there, await `areset`/`astep`.
     """
 
-    metadata: dict[str, Any] = {"render_modes": []}  # noqa: RUF012 - gymnasium's declared class attribute
+    metadata: dict[str, Any] = {"render_modes": []}  # nothing to render: the messages are the state
     tool_call_style: ToolCallStyle | None = None
     """How tool calls are written in actions; None for an env without tools."""
 
-    def __init__(self, *, tasks: Sequence[Task] | None = None, max_turns: int = 1, system_prompt: str | None = None) -> None:
+    def __init__(self, *, tasks: Sequence[Task] | None = None, max_turns: int = 1, system_prompt: str = "") -> None:
         """`tasks`: the tasks `reset` draws from when not given one; `max_turns`: the turn budget;
-        `system_prompt`: the system message that opens every episode (None: no system message)."""
+        `system_prompt`: the system message that opens every episode ("": no system message)."""
         if max_turns < 1:
             raise EnvError(f"max_turns must be at least 1, got {max_turns}")
         self.tasks: list[Task] = [_as_task(task, f"tasks[{i}]") for i, task in enumerate(tasks or [])]
@@ -203,7 +203,7 @@ class TextEnv(gymnasium.Env[list[Message], str]):
 
     def opening(self, task: Task) -> list[Message]:
         """The messages that open an episode: the system prompt (if any), then the task's prompt as the user."""
-        system = [Message(role="system", content=self.system_prompt)] if self.system_prompt is not None else []
+        system = [Message(role="system", content=self.system_prompt)] if self.system_prompt else []
         return [*system, Message(role="user", content=task.prompt)]
 
     def tool_schemas(self) -> list[dict[str, Any]]:
@@ -245,7 +245,7 @@ class TextEnv(gymnasium.Env[list[Message], str]):
         return list(result.messages), result.reward, result.terminated, truncated, dict(info)
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[list[Message], dict[str, Any]]:
-        """Synchronous `areset`. The first call to `super().reset(seed=seed)` happens inside `areset`."""
+        """Synchronous `areset`, which calls `super().reset(seed=seed)` first, as gymnasium requires."""
         return self._run(self.areset(seed=seed, options=options))
 
     def step(self, action: str) -> tuple[list[Message], float, bool, bool, dict[str, Any]]:

@@ -6,7 +6,7 @@ the fix. In order, it checks that:
 
 1. the env is a gymnasium.Env with the async twins `areset`/`astep` and gymnasium spaces;
 2. `reset` returns (list of Message, ResetInfo): system message first if any, a user message last,
-   `tools` given exactly when `tool_call_style` is; `reset(seed=s)` twice gives equal results and
+   a `tool_call_style` whenever there are `tools`, and `tools` for the Hermes style; `reset(seed=s)` twice gives equal results and
    seeds `self.np_random`; `reset(options={"task": task})` plays that task;
 3. bad actions (an empty turn, junk text; with Hermes-style tools a call with broken JSON, an
    unknown tool, invalid arguments; with python-style tools an unclosed ```python block) do not
@@ -134,11 +134,13 @@ def _validate_reset(env: gymnasium.Env[Any, Any], result: Any) -> tuple[list[Mes
     if roles[-1] != "user" or "system" in roles[1:] or "tool" in roles:
         raise EnvError(f"reset() returned roles {roles}: an episode opens with an optional system message and ends its opening with a user message (the task)")
     _validate_info(_RESET_INFO, info, "reset()", "return TextEnv.areset's info (or build a ResetInfo)")
-    if bool(info["tools"]) != (info["tool_call_style"] is not None):
+    if info["tools"] and info["tool_call_style"] is None:
         raise EnvError(
-            f"reset() info has {len(info['tools'])} tools but tool_call_style={info['tool_call_style']!r}: an env with tools must say "
-            "how calls are written ('hermes' or 'python'), and an env without tools must set None"
+            f"reset() info has {len(info['tools'])} tools but tool_call_style=None: an env with tools must say how calls are "
+            "written: set the class attribute tool_call_style = 'hermes' (or 'python')"
         )
+    if info["tool_call_style"] == "hermes" and not info["tools"]:
+        raise EnvError("reset() info has tool_call_style='hermes' but no tools: the model cannot know which tools exist; return their schemas from tool_schemas()")
     return messages, info
 
 

@@ -28,14 +28,14 @@ class MathEnv(TextEnv):
         self,
         *,
         tasks: Sequence[Task] | None = None,
-        system_prompt: str | None = MATH_SYSTEM_PROMPT,
+        system_prompt: str | None = None,
         format_penalty: float = 0.0,
         grade_timeout_s: float = 2.0,
     ) -> None:
-        """`format_penalty`: subtracted from the reward when the response marks no final answer
-        (0 by default); `grade_timeout_s`: budget of the symbolic comparison, after which the answer
-        counts as wrong."""
-        super().__init__(tasks=tasks, max_turns=1, system_prompt=system_prompt)
+        """`system_prompt`: None for MATH_SYSTEM_PROMPT, "" for no system message; `format_penalty`:
+        subtracted from the reward when the response marks no final answer (0 by default);
+        `grade_timeout_s`: budget of the symbolic comparison, after which the answer counts as wrong."""
+        super().__init__(tasks=tasks, max_turns=1, system_prompt=MATH_SYSTEM_PROMPT if system_prompt is None else system_prompt)
         if not (math.isfinite(format_penalty) and format_penalty >= 0):
             raise EnvError(f"format_penalty must be a finite number >= 0 (it is subtracted), got {format_penalty}")
         self.format_penalty = format_penalty

@@ -8,8 +8,9 @@ Each assistant turn may call tools; every call gets one `tool` message back, and
     `max_turns` turns without ending -> truncated (by TextEnv); reward 0
 
 A call that cannot be parsed, names an unknown tool, has invalid arguments, or fails in the tool
-comes back as a tool message saying exactly what was wrong; it never raises. Such a turn counts in
-`info["tool_errors"]`, and is a void turn when none of its calls succeeded. Tool output longer than
+comes back as a tool message saying exactly what was wrong; it never raises. Such calls count in
+`info["tool_errors"]`, and a turn none of whose calls succeeded is a void turn. (A Python program
+that runs and raises is a successful call: the model reads its traceback.) Tool output longer than
 `max_tool_output_chars` is cut there and marked `...[truncated]`.
 """
 
@@ -27,10 +28,17 @@ from alp_agents.errors import EnvError
 from alp_agents.tools import Calculator, ToolCallError, ToolRegistry, parse_tool_calls
 from alp_agents.trajectory import Message, ToolCall
 
-TOOL_SYSTEM_PROMPT = (
-    "Solve the problem step by step. Call the tools whenever they help; each result comes back in a "
-    "tool message. When you are done, put your final answer within \\boxed{}."
-)
+SYSTEM_PROMPTS: dict[ToolCallStyle, str] = {
+    "hermes": (
+        "Solve the problem step by step. Call the tools whenever they help; each result comes back in a "
+        "tool message. When you are done, put your final answer within \\boxed{}."
+    ),
+    "python": (
+        "Solve the problem step by step. To compute, write a Python program in a ```python code block: it runs, "
+        "and what it prints comes back in a tool message. When you are done, put your final answer within \\boxed{}."
+    ),
+}
+"""The default system prompt for each tool-call style."""
 TRUNCATION_MARKER = "...[truncated]"
 CHARS_PER_TOKEN = 4
 """Rough characters per token of English and numbers, to turn a token budget into characters."""
@@ -48,20 +56,21 @@ class ToolEnv(TextEnv):
         max_turns: int = 4,
         max_tool_output_chars: int = 256 * CHARS_PER_TOKEN,
         format_penalty: float = 0.0,
-        system_prompt: str | None = TOOL_SYSTEM_PROMPT,
+        system_prompt: str | None = None,
         grade_timeout_s: float = 2.0,
     ) -> None:
         """`tools`: the registry the model may call (default: a calculator; the caller keeps
         ownership of a registry it passes, so one registry can serve many envs); `tool_call_style`:
         "hermes" for `<tool_call>{json}</tool_call>`, "python" for ```python fences run by the
         "python" tool; `max_tool_output_chars`: the budget of one tool message (256 tokens' worth);
-        `format_penalty`: subtracted when the model stops with neither a call nor an answer."""
-        super().__init__(tasks=tasks, max_turns=max_turns, system_prompt=system_prompt)
+        `format_penalty`: subtracted when the model stops with neither a call nor an answer;
+        `system_prompt`: None for the style's SYSTEM_PROMPTS entry, "" for no system message."""
+        if tool_call_style not in SYSTEM_PROMPTS:
+            raise EnvError(f"tool_call_style must be 'hermes' or 'python', got {tool_call_style!r}")
+        super().__init__(tasks=tasks, max_turns=max_turns, system_prompt=SYSTEM_PROMPTS[tool_call_style] if system_prompt is None else system_prompt)
         self.tools = tools if tools is not None else ToolRegistry([Calculator()])
         if len(self.tools) == 0:
             raise EnvError("ToolEnv got an empty tool registry: register at least one tool, or use MathEnv for problems without tools")
-        if tool_call_style not in ("hermes", "python"):
-            raise EnvError(f"tool_call_style must be 'hermes' or 'python', got {tool_call_style!r}")
         if tool_call_style == "python" and "python" not in self.tools:
             raise EnvError(
                 f"tool_call_style='python' sends ```python blocks to a tool named 'python', but the registry has only "
@@ -77,8 +86,9 @@ class ToolEnv(TextEnv):
         self.grade_timeout_s = grade_timeout_s
 
     def tool_schemas(self) -> list[dict[str, Any]]:
-        """The registry's function schemas."""
-        return self.tools.schemas()
+        """The registry's function schemas for Hermes-style calls; none for python style, whose
+        ```python blocks need no schema (the system prompt explains them)."""
+        return self.tools.schemas() if self.tool_call_style == "hermes" else []
 
     async def respond(self, action: str) -> TurnResult:
         """Run the turn's tool calls, or grade its final answer."""

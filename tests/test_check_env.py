@@ -106,6 +106,10 @@ class ToolsWithoutStyle(Echo):
         return [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}}}]
 
 
+class HermesWithoutSchemas(Echo):
+    tool_call_style = "hermes"
+
+
 class CarriesState(Echo):
     episodes = 0
 
@@ -171,7 +175,8 @@ class NotAGymEnv:
         (HomemadeInfo, r"returned an invalid info \(info\['turn'\]: Field required; .*implement `async def respond"),
         (IntegerFlags, r"returned terminated=0 \(int\): it must be a bool"),
         (EndsWithSystem, r"reset\(\) returned roles \['user', 'system'\]: an episode opens with an optional system message"),
-        (ToolsWithoutStyle, r"reset\(\) info has 1 tools but tool_call_style=None: an env with tools must say how calls are written"),
+        (ToolsWithoutStyle, r"reset\(\) info has 1 tools but tool_call_style=None: an env with tools must say how calls are written: set the class attribute"),
+        (HermesWithoutSchemas, r"tool_call_style='hermes' but no tools: the model cannot know which tools exist"),
         (CarriesState, r"step\(\) is not deterministic: with the same seed and actions, reward of step\(\) on turn 1 \(an empty turn\) was \d\.0 and then \d\.0"),
         (SwallowsBadCalls, r"gave no tool message reporting the error"),
         (GivesUpOnBadCalls, r"ended the episode \(terminated=True\): a bad tool call is reported to the model, and the episode goes on"),

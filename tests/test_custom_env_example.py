@@ -32,8 +32,8 @@ check_env(env)
 # --- end of README ----------------------------------------------------------------------------
 
 # --- README: an environment from scratch ----------------------------------------------------
-from alp_agents.envs import Task, TextEnv, TurnResult, check_env  # noqa: E402, F811
-from alp_agents.trajectory import Message  # noqa: E402
+from alp_agents.envs import Task, TextEnv, TurnResult, check_env
+from alp_agents.trajectory import Message
 
 
 class ReverseEnv(TextEnv):
@@ -55,9 +55,9 @@ class ReverseEnv(TextEnv):
 check_env(ReverseEnv(["gradient", "policy", "token"]))
 # --- end of README ----------------------------------------------------------------------------
 
-import inspect  # noqa: E402
-import json  # noqa: E402
-from pathlib import Path  # noqa: E402
+import inspect
+import json
+from pathlib import Path
 
 
 def test_each_example_is_at_most_30_lines():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import json
 import threading
 import time
 import warnings
@@ -37,8 +38,6 @@ HALF = Task(id="half", prompt="What is one half?", answer="\\frac{1}{2}")
 
 def call(name: str, **arguments: object) -> str:
     """A Hermes-style tool call as the model writes it."""
-    import json
-
     return f"<tool_call>\n{json.dumps({'name': name, 'arguments': arguments})}\n</tool_call>"
 
 
@@ -49,6 +48,13 @@ def registered_ids() -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # Registry and the checkers, on every built-in env
 # ---------------------------------------------------------------------------------------------
+
+
+def test_all_is_sorted_and_complete():
+    assert alp_agents.envs.__all__ == sorted(alp_agents.envs.__all__)
+    assert all(hasattr(alp_agents.envs, name) for name in alp_agents.envs.__all__)
+    public = {name for name in vars(alp_agents.envs) if name[0].isupper() and not name.startswith("_")}
+    assert public <= set(alp_agents.envs.__all__)
 
 
 def test_builtins_are_registered_and_make_returns_the_env_itself():
@@ -111,7 +117,7 @@ def test_reset_opens_with_system_prompt_and_task_and_reports_info():
         messages, info = env.reset(options={"task": TASK})
     assert messages == [Message(role="system", content="Box it."), Message(role="user", content=TASK.prompt)]
     assert info == {"task_id": "stock", "tools": [], "tool_call_style": None, "max_turns": 1}
-    with MathEnv(system_prompt=None) as env:
+    with MathEnv(system_prompt="") as env:
         assert [m.role for m in env.reset(options={"task": TASK.model_dump()})[0]] == ["user"]  # a dict of Task fields is validated
 
 
@@ -432,9 +438,9 @@ def python_tools():
 
 def test_python_style_runs_fenced_code_in_the_sandbox(python_tools):
     with ToolEnv(tasks=[TASK], tools=python_tools, tool_call_style="python") as env:
-        _, info = env.reset(seed=0)
-        assert info["tool_call_style"] == "python"
-        assert [schema["function"]["name"] for schema in info["tools"]] == ["calculator", "python"]
+        messages, info = env.reset(seed=0)
+        assert (info["tool_call_style"], info["tools"]) == ("python", [])  # fences need no schema...
+        assert "```python" in messages[0].content  # ...the system prompt explains them
         action = "```python\nprint(624 * 89 - 655)\n```\nand\n```python\nopen('/etc/passwd').read()\n```"
         [ok, failed], reward, terminated, _, info = env.step(action)
         assert (ok.name, ok.content) == ("python", "54881")
