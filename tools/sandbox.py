@@ -53,7 +53,7 @@ from collections.abc import Sequence
 from itertools import count
 from pathlib import Path
 from types import TracebackType
-from typing import Annotated, Literal
+from typing import Annotated, Literal, NamedTuple
 
 from pydantic import BaseModel, Field, validate_call
 
@@ -166,7 +166,9 @@ class PythonSandbox:
     once), `max_file_mb` (largest file the program may write), `scratch_mb` (size of its /tmp),
     `pool_size` (sandboxes kept started), `import_paths` (read-only directories added to the
     program's sys.path; default: this interpreter's site-packages, so that installed packages
-    such as sympy and numpy can be imported).
+    such as sympy and numpy can be imported). The attribute `cgroups` tells whether memory and
+    process limits hold for each sandbox as a whole (per-run cgroups: root and cgroup v1) or only
+    per process (rlimits).
     """
 
     @validate_call
@@ -195,20 +197,18 @@ class PythonSandbox:
         if isolation == "bwrap":
             _check_bwrap()
         self.cgroups = _cgroups_available()
-        """True when memory and process limits hold for the whole sandbox (per-run cgroups)."""
-        cgroups = self.cgroups
         limits = _RunnerLimits(
             cpu_s=math.ceil(timeout_s) + 1,
             file_bytes=max_file_mb << 20,
             # Without cgroups, fall back to per-process limits (weaker: they do not add up).
-            memory_bytes=0 if cgroups else memory_mb << 20,
-            max_processes=0 if cgroups else max_processes,
+            memory_bytes=0 if self.cgroups else memory_mb << 20,
+            max_processes=0 if self.cgroups else max_processes,
         )
         python = _python_argv(limits, self.import_paths)
         self._launch = _Launch(
             argv=self._bwrap_argv(python) if isolation == "bwrap" else python,
             private_scratch=isolation == "none",
-            cgroup_limits=(memory_mb << 20, max_processes) if cgroups else None,
+            cgroup_limits=(memory_mb << 20, max_processes) if self.cgroups else None,
         )
         self._state = _State.UNOPENED
         self._lock = threading.Lock()
@@ -309,7 +309,10 @@ class _Launch(BaseModel):
                 start_new_session=True,
             )
         except BaseException:
-            _Sandbox(None, cgroup, scratch).destroy()
+            if cgroup is not None:
+                cgroup.remove()
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
             raise
         return _Sandbox(popen, cgroup, scratch)
 
@@ -330,15 +333,21 @@ class _Pool:
 
     def take(self) -> _Sandbox:
         """The next started sandbox (waits for one when all are taken)."""
-        item = self._ready.get()
+        while True:
+            try:
+                item = self._ready.get(timeout=0.1)
+                break
+            except queue.Empty:
+                if self._closed:  # close() ran while this caller waited
+                    raise SandboxError("the PythonSandbox was closed while this run waited for a sandbox") from None
         if isinstance(item, Exception):
             raise SandboxError(f"could not start a sandbox: {item}") from item
         with self._lock:
-            if self._closed:
-                item.destroy()
-                raise SandboxError("the PythonSandbox was closed while this run waited for a sandbox")
-            self._running.add(item)
-        return item
+            if not self._closed:
+                self._running.add(item)
+                return item
+        item.destroy()
+        raise SandboxError("the PythonSandbox was closed while this run waited for a sandbox")
 
     def release(self, sandbox: _Sandbox) -> None:
         """Destroy a sandbox that has run its program."""
@@ -378,63 +387,68 @@ class _Pool:
 class _Sandbox:
     """One started sandbox: runs exactly one program, then is destroyed."""
 
-    def __init__(self, popen: subprocess.Popen[bytes] | None, cgroup: _Cgroup | None, scratch: str | None) -> None:
+    def __init__(self, popen: subprocess.Popen[bytes], cgroup: _Cgroup | None, scratch: str | None) -> None:
         self.popen = popen
         self.cgroup = cgroup
         self.scratch = scratch
 
     def execute(self, code: str, *, timeout_s: float, max_output_chars: int) -> ExecResult:
         """Hand `code` over and collect bounded output until the program ends or the deadline."""
-        assert self.popen is not None
         start = time.monotonic()
         # UTF-8 takes at most 4 bytes a character: past this many bytes a stream is surely too long.
-        stdout, stderr, flooded = _exchange(self.popen, code.encode(), start + timeout_s, 4 * max_output_chars)
-        timed_out = not flooded and self.popen.poll() is None
+        output = _exchange(self.popen, code.encode(), start + timeout_s, 4 * max_output_chars)
         self.kill()  # the main process has ended or must end now; stop whatever it left behind
-        returncode = self.popen.wait()
+        exit_code = _exit_code(self.popen.wait())
         duration_s = time.monotonic() - start
-        exit_code = _exit_code(returncode)
-        out, out_cut = _decode(stdout, max_output_chars)
-        err, err_cut = _decode(stderr, max_output_chars)
+        out, out_cut = _decode(output.stdout, max_output_chars)
+        err, err_cut = _decode(output.stderr, max_output_chars)
         return ExecResult(
             stdout=out,
             stderr=err,
             exit_code=exit_code,
-            timed_out=timed_out or exit_code == -signal.SIGXCPU,
-            truncated=flooded or out_cut or err_cut,
+            timed_out=not (output.ended or output.flooded) or exit_code == -signal.SIGXCPU,
+            truncated=output.flooded or out_cut or err_cut,
             oom_killed=self.cgroup is not None and self.cgroup.oom_killed(),
             duration_s=duration_s,
         )
 
     def kill(self) -> None:
         """SIGKILL the process group: bwrap and its init, and with the init its PID namespace."""
-        if self.popen is not None:
-            try:
-                os.killpg(self.popen.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        if self.popen.returncode is not None:
+            return  # reaped: its pid may already belong to another process
+        try:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
     def destroy(self) -> None:
         """Kill everything this sandbox started; remove its cgroup and scratch directory."""
         self.kill()
         if self.cgroup is not None:
             self.cgroup.kill_all()
-        if self.popen is not None:
-            self.popen.wait()
-            for pipe in (self.popen.stdin, self.popen.stdout, self.popen.stderr):
-                if pipe is not None:
-                    pipe.close()
+        self.popen.wait()
+        for pipe in (self.popen.stdin, self.popen.stdout, self.popen.stderr):
+            if pipe is not None:
+                pipe.close()
         if self.cgroup is not None:
             self.cgroup.remove()
         if self.scratch is not None:
             shutil.rmtree(self.scratch, ignore_errors=True)
 
 
-def _exchange(popen: subprocess.Popen[bytes], code: bytes, deadline: float, cap_bytes: int) -> tuple[bytes, bytes, bool]:
+class _Output(NamedTuple):
+    stdout: bytes
+    stderr: bytes
+    ended: bool
+    """The main process ended before the deadline (it is left unreaped)."""
+    flooded: bool
+    """A stream passed the byte cap, where reading stopped."""
+
+
+def _exchange(popen: subprocess.Popen[bytes], code: bytes, deadline: float, cap_bytes: int) -> _Output:
     """Write `code` to stdin; read stdout and stderr until the main process ends or the deadline.
 
-    Returns (stdout, stderr, flooded): flooded when a stream passed cap_bytes, where reading
-    stops. Nothing here blocks past the deadline, even when a grandchild holds the pipes open.
+    Nothing here blocks past the deadline, even when a grandchild holds the pipes open.
     """
     assert popen.stdin is not None and popen.stdout is not None and popen.stderr is not None
     outputs = {popen.stdout.fileno(): bytearray(), popen.stderr.fileno(): bytearray()}
@@ -468,7 +482,7 @@ def _exchange(popen: subprocess.Popen[bytes], code: bytes, deadline: float, cap_
             flooded = any(len(out) > cap_bytes for out in outputs.values())
     os.close(exited)
     stdout, stderr = (bytes(out[:cap_bytes]) for out in outputs.values())
-    return stdout, stderr, flooded
+    return _Output(stdout, stderr, ended, flooded)
 
 
 def _read_available(fd: int, sink: bytearray, cap_bytes: int) -> bool:
@@ -608,9 +622,9 @@ class _Cgroup:
         name = f"{os.getpid()}-{next(_cgroup_names)}"
         self.dirs = [_CGROUP_ROOT / controller / _CGROUP_PARENT / name for controller in _CGROUP_CONTROLLERS]
         memory, pids = self.dirs
-        for path in self.dirs:
-            path.mkdir()
         try:
+            for path in self.dirs:
+                path.mkdir()
             (memory / "memory.limit_in_bytes").write_text(str(memory_bytes))
             memsw = memory / "memory.memsw.limit_in_bytes"  # present only with swap accounting
             if memsw.exists():
@@ -636,7 +650,11 @@ class _Cgroup:
     def kill_all(self) -> None:
         """SIGKILL every process still in the cgroup (it cannot fork past pids.max meanwhile)."""
         for path in self.dirs:
-            for pid in (path / "cgroup.procs").read_text().split():
+            try:
+                pids = (path / "cgroup.procs").read_text().split()
+            except FileNotFoundError:  # already removed
+                continue
+            for pid in pids:
                 try:
                     os.kill(int(pid), signal.SIGKILL)
                 except ProcessLookupError:
