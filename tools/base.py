@@ -60,8 +60,16 @@ class ToolResult(BaseModel):
         return cls(name=name, content=f"Error: {error}", ok=False, error=error)
 
 
+class ToolArgs(BaseModel):
+    """Base for argument models (`@tool` uses it): an unknown argument is an error the model sees."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
 class Tool(abc.ABC, Generic[A]):
     """Base class of every tool: set `name`, `description`, `args_model`, and implement `run`.
+
+    Derive the argument model from ToolArgs, so that an argument the model invents is refused.
 
     Override `arun` too when the tool has a native async form; by default it runs `run` in a
     worker thread, so a slow tool never blocks the event loop.
@@ -108,14 +116,8 @@ class Tool(abc.ABC, Generic[A]):
         return f"<{type(self).__name__} {self.name!r}>"
 
 
-class ToolArgs(BaseModel):
-    """Base for argument models (`@tool` uses it): an unknown argument is an error the model sees."""
-
-    model_config = ConfigDict(extra="forbid")
-
-
 class FunctionTool(Tool[ToolArgs]):
-    """A tool made from a function by `@tool`; calling the function directly still works."""
+    """A tool made from a function by `@tool`; the function itself stays available as `.function`."""
 
     def __init__(self, function: Callable[..., Any]) -> None:
         self.function = function
