@@ -380,14 +380,9 @@ def test_program_killing_its_parents_is_harmless(sandbox: PythonSandbox) -> None
 
 def test_sandbox_dies_with_the_host_process() -> None:
     name = unique_name("alporphan")
-    host = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "from alp_agents.tools.sandbox import PythonSandbox\n"
-            f"PythonSandbox(timeout_s=120).run(\"open('/proc/self/comm', 'w').write('{name}')\\nimport time\\ntime.sleep(120)\")",
-        ]
-    )
+    sleeper = f"open('/proc/self/comm', 'w').write('{name}')\nimport time\ntime.sleep(120)"
+    host_program = f"from alp_agents.tools.sandbox import PythonSandbox\nPythonSandbox(timeout_s=120).run({sleeper!r})"
+    host = subprocess.Popen([sys.executable, "-c", host_program])
     try:
         assert wait_until(lambda: processes_named(name) != [], timeout_s=60), "the sandboxed program never started"
         host.kill()

@@ -99,7 +99,9 @@ def test_unknown_style_is_a_programming_error() -> None:
         parse_tool_calls("x", style="xml")  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("text", ["<tool_call>", "<tool_call></tool_call>", "<tool_call>\x00\ud800</tool_call>", "```python", "{}" * 1000])
+@pytest.mark.parametrize(
+    "text", ["<tool_call>", "<tool_call></tool_call>", "<tool_call>\x00\ud800</tool_call>", "```python", "{}" * 1000]
+)
 def test_garbage_never_raises(text: str) -> None:
     for style in ("hermes", "python"):
         parse_tool_calls(text, style=style)  # type: ignore[arg-type]

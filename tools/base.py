@@ -291,7 +291,9 @@ def _args_model(function: Callable[..., Any], arg_docs: dict[str, str]) -> type[
     fields: dict[str, Any] = {}
     for parameter in inspect.signature(function).parameters.values():
         if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
-            raise ToolError(f"tool function {name!r}: *{parameter.name} cannot be described to the model; list each argument")
+            raise ToolError(
+                f"tool function {name!r}: *{parameter.name} cannot be described to the model; list each argument"
+            )
         if parameter.name not in hints:
             raise ToolError(f"tool function {name!r}: argument {parameter.name!r} needs a type hint")
         default = ... if parameter.default is parameter.empty else parameter.default
@@ -349,7 +351,8 @@ def _describe_invalid_arguments(tool: Tool[Any], error: ValidationError) -> str:
             problems.append(f"argument {where!r}: {e['msg'][0].lower()}{e['msg'][1:]} (got {_short(e['input'])})")
     fields = tool.args_model.model_fields
     expected = ", ".join(
-        f"{field}: {_type_name(info.annotation)}{'' if info.is_required() else ' (optional)'}" for field, info in fields.items()
+        f"{field}: {_type_name(info.annotation)}{'' if info.is_required() else ' (optional)'}"
+        for field, info in fields.items()
     )
     return f"invalid arguments for tool {tool.name!r}: {'; '.join(problems)}. Expected arguments: {expected or 'none'}"
 
