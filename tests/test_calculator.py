@@ -8,7 +8,7 @@ from fractions import Fraction
 import pytest
 
 from alp_agents.tools import Calculator, CalculatorError, ToolRegistry
-from alp_agents.tools.calculator import format_number
+from alp_agents.tools.calculator import FUNCTIONS, format_number
 from alp_agents.trajectory import ToolCall
 
 calculator = Calculator()
@@ -136,3 +136,8 @@ def test_errors_reach_the_model_as_text() -> None:
     result = ToolRegistry([calculator]).execute(ToolCall(name="calculator", arguments={"expression": "9**9**9"}))
     assert not result.ok
     assert result.content.startswith("Error: CalculatorError: the result is too large")
+
+
+def test_the_description_lists_every_function() -> None:
+    for name in FUNCTIONS:
+        assert name in Calculator.description, name
