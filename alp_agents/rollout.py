@@ -188,9 +188,11 @@ class _Episode:
                 self.metadata["correct"] = bool(step_info.get("correct", False))
                 self.metadata["answer"] = step_info.get("answer")
                 return
-            if not ended_turn:
-                self.append([eos_id])  # mask 0: close a turn the engine ended on a stop string
-            self.append(continuation_token_ids(tokenizer, new_messages))  # mask 0: tool results + next prompt
+            continuation = ([] if ended_turn else [eos_id]) + continuation_token_ids(tokenizer, new_messages)
+            if len(self.token_ids) + len(continuation) >= limits.max_total_tokens:
+                self.finish_reason = "context"  # no room left to show the tool results and sample a reply
+                return
+            self.append(continuation)  # mask 0: end of turn (if a stop string ended it), tool results, next prompt
 
     def fail(self, error: BaseException) -> None:
         self.finish_reason = "error"
