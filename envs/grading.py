@@ -7,7 +7,7 @@
     is_equivalent(pred, gold)      True when the two answers are the same mathematical object
 
 Accepted forms (competition-math conventions, MATH / AIME / OlympiadBench / Minerva / GSM8K):
-- numbers: `1,000` = `1000` = `1{,}000`... = `10^3`, `025` = `25`, `0.5` = `\\frac12` = `1/2`, `1\\frac{4}{5}`
+- numbers: `1,000` = `1{,}000` = `1000` = `10^3`, `025` = `25`, `0.5` = `\\frac12` = `1/2`, `1\\frac{4}{5}`
   (mixed) = `9/5`, `1.04e-3` = `1.04 \\times 10^{-3}`, `50\\%` = `50` = `0.5`; a decimal with at least
   3 significant digits matches an irrational or repeating value it rounds to (`0.333` = `1/3`, `1.414` = `\\sqrt2`);
 - LaTeX noise: `$`, `\\left`/`\\right`, `\\!`, `\\,`, `\\dfrac`, a trailing period, `\\text{units}`, `^\\circ`, `\\$`;
@@ -51,8 +51,8 @@ from alp_agents.errors import AlpError
 
 __all__ = ["extract_answer", "grade", "is_equivalent"]
 
-_MAX_ANSWER_CHARS = 1000
-"""Longer answers (usually a whole response with no final answer marked) only match exactly."""
+_MAX_ANSWER_CHARS = 2000
+"""Longer answers (usually a whole response with no final answer marked) only match exactly, unparsed."""
 _MAX_ITEMS = 64
 """Larger sets/lists only match exactly: matching is quadratic in the number of items."""
 _MAX_EXPONENT = 400
@@ -134,9 +134,10 @@ def _closing_brace(text: str, start: int) -> int | None:
     """Index of the `}` that closes the `{` at `start`, or None if it is never closed."""
     depth = 0
     for pos in range(start, len(text)):
-        if text[pos] == "{" and text[pos - 1] != "\\":
+        escaped = pos > start and text[pos - 1] == "\\"  # \{ and \} are set braces, not groups
+        if text[pos] == "{" and not escaped:
             depth += 1
-        elif text[pos] == "}" and text[pos - 1] != "\\":
+        elif text[pos] == "}" and not escaped:
             depth -= 1
             if depth == 0:
                 return pos
@@ -169,8 +170,6 @@ _THOUSANDS_LATEX = re.compile(r"(\d),\\!\s*(?=\d{3})")  # 10,\!080
 _THIN_SPACES = re.compile(r"\\[!,]")
 _WIDE_SPACES = re.compile(r"(?<!\\)\\[;: ]|~|\\q?quad\b|\\displaystyle\b")
 _DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ\b|\\degree\b")
-_TEXT_COMMANDS = ("\\text", "\\textbf", "\\textit", "\\textrm", "\\mathrm", "\\mathbf", "\\mathit",
-                  "\\mbox", "\\operatorname", "\\boxed", "\\fbox")  # fmt: skip
 _TEXT_COMMAND = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mathit|mbox|operatorname|boxed|fbox)\s*\{")
 _UNIT_TEXT = re.compile(r"(?<=\S)\s*\\(?:text|mbox|mathrm|textrm)\s*\{\s*[A-Za-z][A-Za-z\s.]*\}(?:\s*\^\s*\{?\d\}?)?$")
 _MATH_WORDS = {"pi", "sqrt", "sin", "cos", "tan", "cot", "sec", "csc", "log", "ln", "exp", "or", "and", "hundred",
@@ -245,6 +244,8 @@ class _Collection:
 _Answer = _Scalar | _Bracketed | _Collection
 
 _MEMBERSHIP = re.compile(r"^[a-zA-Z]\s*\\in\s*")  # x \in [a, b]
+_EQUALS = re.compile("=")
+_SIMPLE_LHS = re.compile(r"^(?:[A-Za-z]|\\[A-Za-z]+)(?:_(?:\{[^{}]*\}|\w))?(?:\([^()]*\))?$")  # x, a_1, f(x), \theta
 _MATRIX = re.compile(r"^\\begin\{([pbBvV]?matrix)\}(.*)\\end\{\1\}$", re.DOTALL)
 _THOUSANDS = re.compile(r"^[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?%?$")
 _UNION = re.compile(r"\\cup")
@@ -258,6 +259,11 @@ def _parse_answer(text: str, depth: int = 0) -> _Answer:
     text = _MEMBERSHIP.sub("", text.strip())
     if depth > 8 or _THOUSANDS.match(text):
         return _Scalar(text)
+    assigned = _split_top(text, _EQUALS)
+    if len(assigned) == 2 and _SIMPLE_LHS.match(assigned[0]):
+        value = _parse_answer(assigned[1], depth + 1)
+        if not isinstance(value, _Scalar):
+            return value  # x = (1, 2], S = \{1, 2\}: the tuple or set is the answer (scalars: see _strip_assignment)
     matrix = _MATRIX.match(text)
     if matrix is not None:
         rows = [[cell.strip() for cell in row.split("&")] for row in re.split(r"\\\\", matrix.group(2)) if row.strip()]
@@ -424,15 +430,16 @@ def _same_number(a: _Number, b: _Number) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 Symbolic = Callable[[str, str], bool]
-_SIMPLE_LHS = re.compile(r"^(?:[A-Za-z]|\\[A-Za-z]+)(?:_(?:\{[^{}]*\}|\w))?(?:\([^()]*\))?$")  # x, a_1, f(x), \theta
 
 
 def _compare_texts(pred: str, gold: str, symbolic: Symbolic | None) -> bool | None:
     """Compare two raw answers; with `symbolic=None` return None where only sympy could tell."""
+    if max(len(pred), len(gold)) > _MAX_ANSWER_CHARS:
+        return pred.strip() == gold.strip()
     pred, gold = _normalize(pred), _normalize(gold)
     if _key(pred) == _key(gold):
         return True
-    if not pred or max(len(pred), len(gold)) > _MAX_ANSWER_CHARS:
+    if not pred or not gold:
         return False
     leaf = functools.partial(_leaf_verdict, symbolic=symbolic)
     return _compare(_parse_answer(pred), _parse_answer(gold), leaf)
@@ -521,10 +528,10 @@ def _is_word(text: str) -> bool:
 
 def _strip_assignment(text: str, other: str) -> str:
     """`x = 5` -> `5` when the other side is not an equation with a different left-hand side."""
-    sides = _split_top(text, re.compile("="))
+    sides = _split_top(text, _EQUALS)
     if len(sides) != 2 or not _SIMPLE_LHS.match(sides[0]):
         return text
-    other_sides = _split_top(other, re.compile("="))
+    other_sides = _split_top(other, _EQUALS)
     if len(other_sides) == 2 and _key(other_sides[0]) != _key(sides[0]):
         return text  # `x = 5` vs `y = 5`: different statements, left to sympy
     return sides[1]

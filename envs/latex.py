@@ -52,12 +52,15 @@ _FUNCTIONS = {
     "log": sympy.log, "sqrt": sympy.sqrt,
 }  # fmt: skip
 _CONSTANTS = {"pi": sympy.pi, "infty": sympy.oo, "infinity": sympy.oo, "e": sympy.E, "i": sympy.I}
-_PRODUCT_OPS = {"*": sympy.Mul, "\\cdot": sympy.Mul, "\\times": sympy.Mul}
+_PRODUCT_OPS = {"*", "\\cdot", "\\times"}
 _DIVISION_OPS = {"/", "\\div"}
 _RELATIONS = {"=": "=", "<": "<", ">": ">", "<=": "<=", ">=": ">=", "\\le": "<=", "\\ge": ">=",
               "\\lt": "<", "\\gt": ">"}  # fmt: skip
 _CLOSERS = {")", "]", "}", "|", "\\rfloor", "\\rceil", ","}
-_NOT_ATOMS = set(_PRODUCT_OPS) | _DIVISION_OPS | set(_RELATIONS) | _CLOSERS | {"+", "-", "^", "_", "!", "'"}
+_UNSUPPORTED_OPERATORS = {"\\pm", "\\mp", "\\cup", "\\cap", "\\setminus", "\\ne", "\\in", "\\notin", "\\to", "\\approx",
+                          "\\sim", "\\equiv", "\\mid", "\\ldots", "\\cdots", "\\dots", "'"}  # fmt: skip
+"""They end an expression (so `x \\ne 2` is an error, not the product x*ne*2)."""
+_NOT_ATOMS = _PRODUCT_OPS | _DIVISION_OPS | set(_RELATIONS) | _CLOSERS | _UNSUPPORTED_OPERATORS | {"+", "-", "^", "_", "!"}
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,7 @@ def _tokenize(text: str) -> list[str]:
             raise LatexError(f"unexpected character {text[pos]!r} at {pos} in {text!r}")
         pos = match.end()
         kind, value = match.lastgroup, match.group()
-        if kind == "word" and value not in _FUNCTIONS:
+        if kind == "word" and value not in _FUNCTIONS and value not in _CONSTANTS:
             tokens.extend(value)  # `xy` is x times y
         elif kind != "space":
             tokens.append(value)
@@ -106,15 +109,14 @@ class _Parser:
 
     def statement(self) -> sympy.Expr | Relation:
         lhs = self.expr()
+        result: sympy.Expr | Relation = lhs
         if self.peek() in _RELATIONS:
             op = _RELATIONS[self.take()]
             rhs = self.expr()
-            if op.startswith(">"):
-                op, lhs, rhs = op.replace(">", "<"), rhs, lhs
-            lhs = Relation(op, lhs, rhs)
+            result = Relation(op.replace(">", "<"), rhs, lhs) if op.startswith(">") else Relation(op, lhs, rhs)
         if self.peek() is not None:
             raise LatexError(f"unexpected {self.peek()!r} after a complete expression")
-        return lhs
+        return result
 
     def expr(self) -> sympy.Expr:
         value = self.term()
@@ -165,9 +167,9 @@ class _Parser:
 
     def starts_atom(self) -> bool:
         token = self.peek()
-        if token is None or token in _NOT_ATOMS:
-            return token == "|" and self.abs_depth == 0
-        return not token.startswith("\\") or token not in ("\\pm", "\\mp", "\\cup")
+        if token == "|":
+            return self.abs_depth == 0
+        return token is not None and token not in _NOT_ATOMS
 
     def atom(self) -> sympy.Expr:
         token = self.take()
@@ -191,16 +193,17 @@ class _Parser:
             return self.name(token)
         raise LatexError(f"unexpected {token!r}")
 
-    def name(self, letter: str) -> sympy.Expr:
+    def name(self, name: str) -> sympy.Expr:
+        """A letter or a Greek/decorated name, with its subscript (`a_{1}`, `\\omega_n`) or argument (`f(x)`)."""
         if self.peek() == "_":
             self.take()
-            return sympy.Symbol(f"{letter}_{self.raw_group()}")
+            return sympy.Symbol(f"{name}_{self.raw_group()}")
         if self.peek() == "(" and self.peek(2) == ")" and self.peek(1) not in _NOT_ATOMS:
             self.take("(")
             argument = self.atom()
             self.take(")")
-            return sympy.Function(letter)(argument)  # f(x), u(t), I(0): a function value, not a product
-        return _CONSTANTS.get(letter) or sympy.Symbol(letter)
+            return sympy.Function(name)(argument)  # f(x), u(t), I(0): a function value, not a product
+        return _CONSTANTS.get(name) or sympy.Symbol(name)
 
     def command(self, name: str) -> sympy.Expr:
         if name == "sqrt":  # LaTeX's \sqrt takes a macro argument; the word `sqrt` is a function
@@ -212,7 +215,7 @@ class _Parser:
             return sympy.sqrt(self.argument())
         if name in _FUNCTIONS:
             return self.function(name)
-        if name in _CONSTANTS:
+        if name in _CONSTANTS and self.peek() != "_":
             return _CONSTANTS[name]
         if name == "frac":
             return self.argument() / self.argument()
@@ -222,11 +225,11 @@ class _Parser:
             value = self.expr()
             self.take(f"\\r{name[1:]}")
             return sympy.floor(value) if name == "lfloor" else sympy.ceiling(value)
-        if name.isalpha() and not name.endswith("dots"):
+        if name.isalpha() and f"\\{name}" not in _UNSUPPORTED_OPERATORS:
             # Greek letters and decorations (\alpha, \hbar, \overline{AB}) are opaque names,
             # read the same on both sides of a comparison.
             suffix = self.raw_group() if self.peek() == "{" else ""
-            return sympy.Symbol(name + suffix)
+            return self.name(name + suffix)
         raise LatexError(f"unsupported command \\{name}")
 
     def function(self, name: str) -> sympy.Expr:

@@ -14,8 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import sympy
 
-from alp_agents.envs import grading
+from alp_agents.envs import grading, latex
 from alp_agents.envs.grading import extract_answer, grade, is_equivalent
 from conftest import DATA_DIR
 
@@ -133,7 +134,9 @@ EQUIVALENT = [
     ("(B)", "B"), ("\\text{(B)}", "B"), ("\\textbf{(B)}", "\\text{(B)}"), ("\\text{East}", "east"), ("204_5", "204"), ("4210_{5}", "4210_5"),
     ("\\begin{pmatrix} -1 & 0 \\\\ 0 & -1 \\end{pmatrix}", "\\begin{bmatrix}-1&0\\\\0&-1\\end{bmatrix}"),
     ("\\begin{pmatrix} 1/5 \\\\ -18/5 \\end{pmatrix}", "\\begin{pmatrix}\\frac15\\\\-\\frac{18}{5}\\end{pmatrix}"),
-    ("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "(1, 2)"),
+    ("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "(1, 2)"), ("x = (-\\infty, 2) \\cup (3, \\infty)", "(-\\infty, 2) \\cup (3, \\infty)"),
+    ("S = \\{1, 2\\}", "\\{2, 1\\}"), ("\\omega_{n}^2 t", "t\\omega_n^{2}"), ("\\dot{x}_{0} \\sin t + x_0", "x_{0} + \\dot{x}_0\\sin t"),
+    ("\\frac{1}{3} E_{1}+\\frac{2}{3} E_{2}", "\\frac{2}{3} E_{2} + \\frac{1}{3} E_{1}"), ("2 pi", "2\\pi"),
 ]  # fmt: skip
 
 NEAR_MISSES = [
@@ -147,7 +150,10 @@ NEAR_MISSES = [
     ("(1,2)", "\\{1,2\\}"), ("x = 5", "x = 6"), ("y = 2x", "y = -2x"), ("x = 5", "y = 5"), ("x > 2", "x \\ge 2"), ("5", "x = 6"),
     ("(B)", "C"), ("B", "\\text{(C)}"), ("\\text{east}", "\\text{seat}"), ("204_6", "204_5"),
     ("\\begin{pmatrix} 1 & 0 \\\\ 0 & 1 \\end{pmatrix}", "\\begin{pmatrix} 1 & 0 \\\\ 0 & -1 \\end{pmatrix}"),
-    ("0", "I(0)e^{-t}"), ("", "0"), ("\\boxed{}", "0"),
+    ("0", "I(0)e^{-t}"), ("", "0"), ("\\boxed{}", "0"), ("\\omega_{n}", "\\omega_{m}"), ("x \\ne 2", "x = 2"),
+    # Math-Verify accepts these: an infinite endpoint's bracket, a repeated root dropped, an exponent changed
+    ("[-\\infty,-5)", "(-\\infty,-5)"), ("(5,\\infty]", "(5,\\infty)"), ("-2", "-2,-2"), ("16,3,1", "16,3,1,1"),
+    ("\\hbar \\omega(v+1 / 2)-\\frac{E_{0}^{2} e^{2}}{2 m \\omega^{3}}", "\\hbar \\omega(v+1 / 2)-\\frac{E_{0}^{2} e^{2}}{2 m \\omega^{2}}"),
 ]  # fmt: skip
 
 
@@ -161,6 +167,31 @@ def test_equivalent_pairs_match_both_ways(pred, gold):
 def test_near_misses_never_match(pred, gold):
     assert not is_equivalent(pred, gold)
     assert not is_equivalent(gold, pred)
+
+
+x, y, n = sympy.symbols("x y n")
+PARSED = [
+    ("\\frac{1}{2}x^2", x**2 / 2), ("\\frac12", sympy.Rational(1, 2)), ("\\frac{x+1}{y}", (x + 1) / y), ("0.35625", sympy.Rational(57, 160)),
+    ("1.04e-3", sympy.Rational(104, 100000)), ("2\\sqrt{2}", 2 * sympy.sqrt(2)), ("\\sqrt[3]{x}", sympy.root(x, 3)), ("\\sqrt 2x", sympy.sqrt(2) * x),
+    ("-x^2", -(x**2)), ("2^{3^2}", 512), ("x^-1", 1 / x), ("(x+1)(x-1)", (x + 1) * (x - 1)), ("|x-y|", sympy.Abs(x - y)),
+    ("n!", sympy.factorial(n)), ("\\binom{n}{2}", sympy.binomial(n, 2)), ("\\lfloor x \\rfloor", sympy.floor(x)),
+    ("\\sin 2x", sympy.sin(2 * x)), ("\\sin^2 x", sympy.sin(x) ** 2), ("\\log_{2} 8", 3), ("\\ln(e^2)", 2), ("e^{i\\pi}", -1),
+    ("3 + 4i", 3 + 4 * sympy.I), ("\\pi r^2", sympy.pi * sympy.Symbol("r") ** 2), ("a_{12}", sympy.Symbol("a_12")),
+    ("\\alpha_1", sympy.Symbol("alpha_1")), ("f(x)", sympy.Function("f")(x)), ("x \\cdot y \\div 2", x * y / 2), ("-\\infty", -sympy.oo),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("text", "expected"), PARSED)
+def test_latex_parser_against_sympy(text, expected):
+    assert latex.to_sympy(text) == expected
+
+
+def test_latex_parser_reads_relations_and_rejects_what_it_does_not_know():
+    assert latex.to_sympy("x > 2") == latex.Relation("<", sympy.Integer(2), x)
+    assert latex.to_sympy("y \\le 2x") == latex.Relation("<=", y, 2 * x)
+    for text in ["x \\ne 2", "1, 2", "\\ldots", "\\frac{1}", "x = y = 1", "__import__('os')", "os.system('ls')"]:
+        with pytest.raises(latex.LatexError):
+            latex.to_sympy(text)
 
 
 def test_a_choice_letter_may_be_followed_by_the_option_text():
