@@ -20,3 +20,64 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from alp_agents.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), seed=0, size="tiny")
+
+
+# --- Inference engines (alp_agents.engines): one in-process vLLM engine and one vLLM server per session.
+# Each takes 20-60 s to start on a CPU, so tests share them; a test that changes the weights restores them.
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(tiny_model_dir: Path):
+    """A VLLMEngine (AsyncLLM) on the tiny model; usable from any test's `asyncio.run`."""
+    import asyncio
+
+    from alp_agents.engines import VLLMEngine
+
+    engine = asyncio.run(VLLMEngine.start(tiny_model_dir, seed=0))
+    yield engine
+    asyncio.run(engine.close())
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tiny_model_dir: Path):
+    """A local vLLM OpenAI-compatible server on the tiny model (token-in/token-out routes and dev endpoints on)."""
+    from alp_agents.engines import start_vllm_server
+
+    with start_vllm_server(tiny_model_dir, startup_timeout_s=300) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tiny_model_dir: Path):
+    """The tiny model's parameters by HF name (a tied lm_head appears once, as the embedding)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    return {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+
+
+@pytest.fixture(scope="session")
+def hf_logprobs(tiny_model_dir: Path, tiny_weights):
+    """Reference log-probs from the HF model in float32: `(prompt, sampled, weights=None, temperature=1, top_k=None)`.
+
+    Returns, for each sampled token, log_softmax(logits / temperature) at its position, restricted to
+    the top-k logits when top_k is set: the distribution vLLM samples from and reports with
+    processed_logprobs. `weights` (HF names) replaces the model's parameters for this call only.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+    @torch.no_grad()
+    def compute(prompt: list[int], sampled: list[int], weights=None, temperature: float = 1.0, top_k: int | None = None):
+        missing, unexpected = model.load_state_dict(weights if weights is not None else tiny_weights, strict=False)
+        assert set(missing) <= {"lm_head.weight"} and not unexpected, (missing, unexpected)  # tied head: the embedding
+        logits = model(torch.tensor([prompt + sampled])).logits[0, len(prompt) - 1 : -1] / temperature  # (T, V)
+        if top_k is not None:
+            kth = logits.topk(top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        return logits.log_softmax(-1).gather(1, torch.tensor(sampled)[:, None])[:, 0].tolist()
+
+    return compute
