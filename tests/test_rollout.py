@@ -209,11 +209,11 @@ def test_cancelling_collect_closes_every_environment(tokenizer):
 def test_vllm_rollout_logprobs_match_a_trainer_recompute(vllm_engine, tiny_model_dir, tokenizer):
     tasks = [TASK, Task(id="two", prompt="What is 17 * 23?", answer="391")]
     sampling = SamplingConfig(temperature=1.0)
-    limits = RolloutLimits(max_turns=3, max_tokens_per_turn=24, max_total_tokens=400)
+    limits = RolloutLimits(max_turns=3, max_tokens_per_turn=24, max_total_tokens=1024)
     trajectories = collect_sync(tool_env, tasks, vllm_engine, tokenizer, sampling=sampling, group_size=2, limits=limits, progress=False)
     assert len(trajectories) == 4 and all(t.finish_reason != "error" for t in trajectories), [t.metadata for t in trajectories]
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    worst = 0.0
+    worst, compared = 0.0, 0
     for t in trajectories:
         assert t.policy_version == vllm_engine.policy_version
         with torch.no_grad():
@@ -222,6 +222,8 @@ def test_vllm_rollout_logprobs_match_a_trainer_recompute(vllm_engine, tiny_model
         for i, m in enumerate(t.loss_mask):
             if m:
                 worst = max(worst, abs(recomputed[i - 1].item() - t.infer_logprobs[i]))
-    print(json.dumps({"max_abs_logprob_diff_vllm_vs_hf_float32": worst}))
-    assert worst < 1e-3  # measured: ~1e-6 (float32 on both sides)
+                compared += 1
+    print(json.dumps({"max_abs_logprob_diff_vllm_vs_hf_float32": worst, "tokens_compared": compared}))
+    assert compared >= 8
+    assert worst < 1e-4  # measured: 1.9e-6 over 96 tokens (float32 on both sides)
     assert not math.isnan(worst)
