@@ -80,7 +80,7 @@ def extract_answer(response: str) -> str | None:
 
     In order: the content of the last `\\boxed{...}` / `\\fbox{...}` (braces may nest), the rest of
     the line after the last `####` (GSM8K), the answer after the last "final answer is", "answer is"
-    or "answer:" (the first `$...$` there, else up to the end of the sentence).
+    or "answer:" (the `$...$` there, or several joined by commas, else up to the end of the sentence).
     """
     boxed = _last_boxed(response)
     if boxed is not None:
@@ -100,6 +100,8 @@ def is_equivalent(pred: str, gold: str, *, timeout_s: float = 2.0) -> bool:
     `timeout_s` bounds the symbolic (sympy) part of this call; on expiry the answer is False. Waiting
     for a worker is not counted: when every worker is busy or (re)starting, a call waits for one.
     """
+    if not 0 < timeout_s < math.inf:
+        raise ValueError(f"timeout_s must be a positive, finite number of seconds, got {timeout_s!r}")
     verdict = _compare_texts(pred, gold, symbolic=None)
     if verdict is not None:
         return verdict
@@ -114,6 +116,7 @@ _BOX_COMMANDS = ("\\boxed", "\\fbox")
 _GSM8K_MARKER = re.compile(r"####")
 _ANSWER_MARKER = re.compile(r"\banswer\s*(?:is\b\s*:?|:)", re.IGNORECASE)
 _DISPLAY_MATH = re.compile(r"\s*(\${1,2}|\\\[|\\\()(.+?)(\1|\\\]|\\\))", re.DOTALL)
+_MORE_MATH = re.compile(r"\s*(?:,|and|or)\s*\$([^$]+)\$")
 
 
 def _last_boxed(text: str) -> str | None:
@@ -148,7 +151,11 @@ def _answer_at(rest: str) -> str:
     """The answer that starts `rest`: a math span if it opens with one, else the first line up to '. '."""
     math_span = _DISPLAY_MATH.match(rest)
     if math_span is not None:
-        return math_span.group(2).strip()
+        answers, pos = [math_span.group(2).strip()], math_span.end()
+        while (more := _MORE_MATH.match(rest, pos)) is not None:  # "$a$, $b$": several answers
+            answers.append(more.group(1).strip())
+            pos = more.end()
+        return ", ".join(answers)
     lines = [line.strip() for line in rest.strip().splitlines() if line.strip()]
     return re.split(r"\.\s", lines[0])[0].strip() if lines else ""
 
@@ -653,7 +660,9 @@ class _WorkerPool:
             self.workers.discard(worker)
 
     def close(self) -> None:
-        """Kill every worker (registered with atexit; idempotent)."""
+        """Kill every worker (registered with atexit; idempotent; a forked child leaves its parent's alone)."""
+        if os.getpid() != self.pid:
+            return
         with self.lock:
             workers, self.workers = self.workers, set()
         for worker in workers:
@@ -688,6 +697,7 @@ def _serve() -> None:
 
     warnings.simplefilter("ignore")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a job killed by SIGXCPU leaves no core file
     if os.path.exists("/proc/self/statm"):
         with open("/proc/self/statm") as statm:
             current = int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")

@@ -47,6 +47,7 @@ def _sample(rows: list[dict], size: int) -> list[dict]:
         ("She earns 18 dollars.\n#### 18", "18"),
         ("#### 1,000\n", "1,000"),
         ("Answer: (B)\nbecause ...", "(B)"),
+        ("The final answer is $2^{-2 / 3}$, $8$. I hope it is correct.", "2^{-2 / 3}, 8"),
         ("so the answer is $$\n\\frac{3}{4}\n$$ indeed", "\\frac{3}{4}"),
         ("the answer: \\(x+1\\)", "x+1"),
         ("no marker here, just 5", None),
@@ -315,3 +316,9 @@ def test_workers_die_when_the_parent_is_killed(busy):
     pids = [int(pid) for pid in process.stdout.split()]
     assert pids
     assert _wait_until_gone(pids, 30) == []
+
+
+@pytest.mark.parametrize("timeout_s", [0, -1.0, float("inf"), float("nan")])
+def test_timeout_must_be_positive_and_finite(timeout_s):
+    with pytest.raises(ValueError, match="timeout_s"):
+        is_equivalent("1", "2", timeout_s=timeout_s)
