@@ -14,7 +14,7 @@ Stages: burn-in (imports, worker start), then each grader over the whole set in 
 Math-Verify is called as its README does: verify(parse(gold), parse(response)), gold given as `\\boxed{gold}`.
 The last line is one JSON object with the figures and the ratios.
 
-    .venv/bin/python benchmarks/grading.py [--per-kind 100] [--seed 0]
+    .venv/bin/python benchmarks/grading.py [--per-kind 80] [--seed 0]
 """
 
 from __future__ import annotations
@@ -287,7 +287,7 @@ def summarise(verdicts: list[bool], cases: list[Case], seconds: float) -> dict[s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--per-kind", type=int, default=100, help="cases sampled per kind of pair")
+    parser.add_argument("--per-kind", type=int, default=80, help="cases sampled per kind of pair")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", type=Path, default=DATA_DIR, help="folder with the eval-set JSONL files")
     parser.add_argument("--show", type=int, default=0, help="print this many cases where the graders or the label disagree")

@@ -376,7 +376,8 @@ class _Number:
 
 _NUMBER = re.compile(
     r"(?P<sign>[-+]?)(?:"
-    r"(?P<whole>\d+)?\\frac(?:\{(?P<num>[-+]?\d+)\}|(?P<num1>\d))(?:\{(?P<den>\d+)\}|(?P<den1>\d))"  # \frac{1}{2}, 1\frac45
+    # \frac{1}{2}, \frac45, 1\frac{4}{5}
+    r"(?P<whole>\d+)?\\frac(?:\{(?P<num>[-+]?\d+)\}|(?P<num1>\d))(?:\{(?P<den>\d+)\}|(?P<den1>\d))"
     r"|(?P<over>\d+)/(?P<under>\d+)"  # 1/2
     r"|(?P<decimal>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d*)?|\.\d+)"  # 1,000.5  025  .35
     r"(?:e(?P<exp>[-+]?\d+)|\\times10\^(?:\{(?P<exp2>[-+]?\d+)\}|(?P<exp3>\d)))?"  # 1.04e-3, 2\times10^{5}
@@ -508,7 +509,7 @@ def _perfect_matching(size: int, edge: Callable[[int, int], bool]) -> bool:
 
 
 def _leaf_verdict(pred: str, gold: str, symbolic: Symbolic | None) -> bool | None:
-    """Compare two scalar answers; defer to `symbolic` (or return None without it) when strings and numbers can't tell."""
+    """Compare two scalar answers; when strings and numbers can't tell, ask `symbolic` (without it: None)."""
     pred, gold = _strip_assignment(pred, gold), _strip_assignment(gold, pred)
     if _key(pred) == _key(gold):
         return True
@@ -711,7 +712,9 @@ def _serve() -> None:
         job = json.loads(line)
         usage = resource.getrusage(resource.RUSAGE_SELF)
         cpu_soft = math.ceil(usage.ru_utime + usage.ru_stime + job["cpu_s"]) + 1
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu_soft if cpu_hard == resource.RLIM_INFINITY else min(cpu_soft, cpu_hard), cpu_hard))
+        if cpu_hard != resource.RLIM_INFINITY:
+            cpu_soft = min(cpu_soft, cpu_hard)
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu_soft, cpu_hard))
         try:
             verdict = _compare_texts(job["pred"], job["gold"], _symbolic_verdict) is True
         except Exception:  # sympy raises many kinds of errors on odd input; unreadable means not equal

@@ -60,7 +60,7 @@ _CLOSERS = {")", "]", "}", "|", "\\rfloor", "\\rceil", ","}
 _UNSUPPORTED_OPERATORS = {"\\pm", "\\mp", "\\cup", "\\cap", "\\setminus", "\\ne", "\\in", "\\notin", "\\to", "\\approx",
                           "\\sim", "\\equiv", "\\mid", "\\ldots", "\\cdots", "\\dots", "'"}  # fmt: skip
 """They end an expression (so `x \\ne 2` is an error, not the product x*ne*2)."""
-_NOT_ATOMS = _PRODUCT_OPS | _DIVISION_OPS | set(_RELATIONS) | _CLOSERS | _UNSUPPORTED_OPERATORS | {"+", "-", "^", "_", "!"}
+_NOT_ATOMS = _PRODUCT_OPS | _DIVISION_OPS | set(_RELATIONS) | _CLOSERS | _UNSUPPORTED_OPERATORS | set("+-^_!")
 
 
 @dataclass(frozen=True)
