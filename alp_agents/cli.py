@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 app = typer.Typer(help="ALP Agents: train tool-using LLM agents with multi-turn RL and ALP.", no_args_is_help=True)
 console = Console()
 
 if TYPE_CHECKING:
+    from alp_agents.evaluation import RolloutStats
     from alp_agents.generate import GenerationReport
+
+Model = Annotated[Path, typer.Option(help="Model directory (any Hugging Face causal LM).")]
+EnvId = Annotated[str, typer.Option("--env", help="gymnasium id of the environment.")]
+EnvArgs = Annotated[str, typer.Option(help='Environment arguments as JSON, e.g. \'{"max_turns": 3}\'.')]
+Servers = Annotated[Optional[list[str]], typer.Option("--server", help="vLLM server base URL (repeat for several); default: vLLM in-process.")]
 
 
 @app.command("init-model")
@@ -32,29 +40,155 @@ def init_model(
 @app.command()
 def generate(
     prompts: Annotated[list[str], typer.Argument(help="One or more user messages.")],
-    model: Annotated[Path, typer.Option(help="Model directory (any Hugging Face causal LM).")],
+    model: Model,
     max_tokens: Annotated[int, typer.Option(help="Most tokens to sample per reply.")] = 64,
     temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
 ) -> None:
     """Answer each prompt as a chat with vLLM and print the replies and tokens/s."""
     from alp_agents.generate import generate_chat
 
-    report = generate_chat(model, prompts, max_tokens=max_tokens, temperature=temperature)
-    print_generation_report(report)
+    print_generation_report(generate_chat(model, prompts, max_tokens=max_tokens, temperature=temperature))
+
+
+@app.command("make-demos")
+def make_demos(
+    out: Annotated[Path, typer.Option(help="JSON Lines file to write.")],
+    n: Annotated[int, typer.Option(help="Number of demonstrations.")] = 500,
+    difficulty: Annotated[int, typer.Option(help="Difficulty of the synthetic arithmetic tasks (1-3).")] = 2,
+    seed: Annotated[int, typer.Option(help="Seed of the tasks.")] = 0,
+    env_args: EnvArgs = "{}",
+) -> None:
+    """Write expert demonstrations of the calculator tool env (for `alp sft`)."""
+    from alp_agents import jobs
+
+    path = jobs.make_demos(out, n=n, difficulty=difficulty, seed=seed, env_kwargs=json.loads(env_args))
+    console.print(f"wrote {n} demonstrations to {path}")
+
+
+@app.command()
+def sft(
+    model: Model,
+    data: Annotated[Path, typer.Option(help="Demonstrations (JSON Lines, from `alp make-demos`).")],
+    out: Annotated[Path, typer.Option(help="Directory for the fine-tuned model.")],
+    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="SFT setting, e.g. lr=1e-3 (repeatable).")] = None,
+) -> None:
+    """Supervised warm start: loss only on assistant tokens (tool results masked, as in RL)."""
+    from alp_agents import jobs
+    from alp_agents.config import load_config
+    from alp_agents.trainers.sft import SFTConfig
+
+    history = jobs.sft(model, data, out, load_config(SFTConfig, None, overrides or []))
+    console.print(f"SFT: {len(history)} steps, final loss {history[-1]['sft/loss']:.3f}; model saved to {out}")
+
+
+@app.command("train")
+def train_command(
+    run_dir: Annotated[Path, typer.Option(help="Run directory (metrics, checkpoints, plots).")] = Path("runs/train"),
+    config: Annotated[Optional[Path], typer.Option(help="TOML config (see the README's configuration reference).")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override, e.g. trainer.lr=1e-6 (repeatable).")] = None,
+    algo: Annotated[Optional[str], typer.Option(help="alp | bypass | grpo | tis | mis | gspo (sets trainer.algo).")] = None,
+    servers: Servers = None,
+    resume: Annotated[bool, typer.Option(help="Continue RUN_DIR from its last checkpoint.")] = False,
+) -> None:
+    """The RL loop: rollouts, ALP update, weight sync, evaluation, checkpoints."""
+    from alp_agents import jobs
+
+    extra = ([f"trainer.algo={algo}"] if algo else []) + ([f"engine.servers={json.dumps(servers)}"] if servers else [])
+    rows = jobs.train_from_config(config, (overrides or []) + extra, run_dir, resume=resume)
+    if rows:
+        console.print(f"done: iteration {rows[-1]['iteration']}; metrics, checkpoint and plots in {run_dir}")
+
+
+@app.command()
+def plot(run_dir: Annotated[Path, typer.Argument(help="Run directory with metrics.jsonl.")]) -> None:
+    """Draw the run's figures (reward, ratio envelope, KL, sigma, entropy) as PNG files."""
+    from alp_agents.plots import plot_run
+
+    for path in plot_run(run_dir):
+        console.print(str(path))
+
+
+@app.command("eval")
+def eval_command(
+    model: Model,
+    data: Annotated[str, typer.Option(help="Tasks: a JSONL file with problem/answer/id, or arithmetic:N[:difficulty[:seed]].")],
+    env: EnvId = "alp_agents/ToolMath-v0",
+    env_args: EnvArgs = "{}",
+    k: Annotated[int, typer.Option(help="Samples per task (avg@k, pass@k).")] = 4,
+    out: Annotated[Optional[Path], typer.Option(help="Write the trajectories here (JSON Lines).")] = None,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
+    max_turns: Annotated[int, typer.Option(help="Most assistant turns per episode.")] = 5,
+    max_tokens: Annotated[int, typer.Option(help="Most tokens per turn.")] = 256,
+    servers: Servers = None,
+) -> None:
+    """Multi-turn evaluation: avg@k, pass@k, turns, tool use and errors, truncation, tokens."""
+    from alp_agents import jobs
+    from alp_agents.engines.base import SamplingConfig
+    from alp_agents.rollout import RolloutLimits
+    from alp_agents.trainers.run_config import EnvSection
+
+    report = jobs.evaluate(model, EnvSection(id=env, kwargs=json.loads(env_args)), data, k=k, out=out,
+                           sampling=SamplingConfig(temperature=temperature),
+                           limits=RolloutLimits(max_turns=max_turns, max_tokens_per_turn=max_tokens), servers=servers or [])
+    print_stats(report.stats, title=f"{model} on {data} ({report.seconds:.0f} s)")
+    print(report.model_dump_json())
+
+
+@app.command()
+def rollout(
+    model: Model,
+    data: Annotated[str, typer.Option(help="Tasks: a JSONL file, or arithmetic:N[:difficulty[:seed]].")],
+    out: Annotated[Path, typer.Option(help="Trajectories file to write (JSON Lines).")],
+    env: EnvId = "alp_agents/ToolMath-v0",
+    env_args: EnvArgs = "{}",
+    k: Annotated[int, typer.Option(help="Episodes per task.")] = 1,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
+    max_turns: Annotated[int, typer.Option(help="Most assistant turns per episode.")] = 5,
+    servers: Servers = None,
+) -> None:
+    """Play episodes and write the trajectories, for inspection with `alp show`."""
+    from alp_agents import jobs
+    from alp_agents.engines.base import SamplingConfig
+    from alp_agents.rollout import RolloutLimits
+    from alp_agents.trainers.run_config import EnvSection
+    from alp_agents.trajectory import write_trajectories
+
+    trajectories = jobs.rollout_tasks(model, EnvSection(id=env, kwargs=json.loads(env_args)), jobs.tasks_from_argument(data), k=k,
+                                      sampling=SamplingConfig(temperature=temperature), limits=RolloutLimits(max_turns=max_turns),
+                                      servers=servers or [])
+    console.print(f"wrote {len(trajectories)} trajectories to {write_trajectories(out, trajectories)}")
+
+
+@app.command()
+def show(
+    path: Annotated[Path, typer.Argument(help="Trajectories file (JSON Lines).")],
+    model: Annotated[Path, typer.Option(help="Model directory whose tokenizer decodes the tokens.")],
+    index: Annotated[int, typer.Option(help="Which trajectory of the file.")] = 0,
+) -> None:
+    """Print one trajectory token by token: trained tokens (mask 1) bold green, the rest dimmed."""
+    from transformers import AutoTokenizer
+
+    from alp_agents.trajectory import read_trajectories
+
+    trajectory = read_trajectories(path)[index]
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    text = Text()
+    for token, mask in zip(trajectory.token_ids, trajectory.loss_mask):
+        text.append(tokenizer.decode([token]), style="bold green" if mask else "dim")
+    console.print(text)
+    console.print(f"\nreward {trajectory.reward}  finish {trajectory.finish_reason}  turns {len(trajectory.turns)}  "
+                  f"tokens {len(trajectory.token_ids)} (trained {trajectory.num_sampled_tokens})  policy v{trajectory.policy_version}")
 
 
 @app.command()
 def demo(
-    out_dir: Annotated[Path, typer.Option(help="Where the demo writes its model and outputs.")] = Path("runs/demo"),
+    out_dir: Annotated[Path, typer.Option(help="Where the demo writes models, runs and plots.")] = Path("runs/demo"),
+    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override the RL config, e.g. schedule.iterations=10.")] = None,
 ) -> None:
-    """The main job on the embedded model: build it, serve it with vLLM, and chat with it."""
-    from alp_agents.generate import generate_chat
-    from alp_agents.tiny import build_tiny_model
+    """The main job: default model -> demonstrations -> SFT -> ALP RL on the calculator env, before/after."""
+    from alp_agents.demo import run_demo
 
-    model_dir = build_tiny_model(out_dir / "model", seed=0, size="small")
-    console.print(f"built the small default model in {model_dir}")
-    prompts = ["What is 12 * 34?", "Use the calculator to add 1234 and 5678.", "Say hello."]
-    print_generation_report(generate_chat(model_dir, prompts, max_tokens=48))
+    run_demo(out_dir, overrides or [], console=console)
 
 
 def print_generation_report(report: GenerationReport) -> None:
@@ -63,6 +197,13 @@ def print_generation_report(report: GenerationReport) -> None:
         table.add_row(completion.prompt, completion.text, str(len(completion.token_ids)), completion.finish_reason)
     console.print(table)
     console.print(f"{report.tokens_per_second:.0f} tokens/s ({report.seconds:.2f} s for the batch)")
+
+
+def print_stats(stats: RolloutStats, *, title: str) -> None:
+    table = Table("metric", "value", title=title)
+    for name, value in stats.model_dump().items():
+        table.add_row(name, f"{value:.3f}" if isinstance(value, float) else str(value))
+    console.print(table)
 
 
 def main() -> None:

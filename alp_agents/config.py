@@ -71,13 +71,16 @@ def load_config(model: type[C], path: str | Path | None = None, overrides: list[
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path} is not valid TOML: {e}") from e
-    data = apply_overrides(data, overrides or [])
+    return load_config_data(model, apply_overrides(data, overrides or []), where=str(path) if path is not None else None)
+
+
+def load_config_data(model: type[C], data: dict[str, Any], *, where: str | None = None) -> C:
+    """Validate plain data (e.g. parsed TOML) as `model`; fail with every bad field named."""
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        where = f" in {path}" if path is not None else ""
         problems = "\n".join(f"  - {_describe(model, err)}" for err in e.errors())
-        raise ConfigError(f"invalid config{where}:\n{problems}") from e
+        raise ConfigError(f"invalid config{f' in {where}' if where else ''}:\n{problems}") from e
 
 
 def _describe(model: type[BaseModel], error: Any) -> str:

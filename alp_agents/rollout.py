@@ -19,6 +19,7 @@ with finish_reason "error" and the error in `metadata["error"]`; the batch goes 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -71,7 +72,10 @@ async def collect(
 ) -> list[Trajectory]:
     """Play `group_size` episodes of every task (one fresh env each) and return them, grouped, in task order.
 
-    Episodes of the same task share a `group_id`. At most `max_concurrency` run at once. A failed
+    Episodes of the same task share a `group_id`. At most `max_concurrency` run at once. Episode i
+    resets its env with seed `seed * 1_000_003 + i`; when `sampling.seed` is set, every generate
+    request gets its own seed derived from it, the episode's seed and the turn, so a rollout can
+    be replayed exactly (the training loop relies on this to resume). A failed
     episode comes back with finish_reason 'error'; cancelling `collect` cancels every episode and
     closes its environment.
     """
@@ -167,7 +171,10 @@ class _Episode:
                 self.finish_reason = "context"
                 return
             start = time.perf_counter()
-            generation = await engine.generate(self.token_ids, sampling.model_copy(update={"max_tokens": budget}))
+            request = {"max_tokens": budget}
+            if sampling.seed is not None:  # reproducible sampling: each turn of each episode has its own seed
+                request["seed"] = _request_seed(sampling.seed, seed, len(self.turns))
+            generation = await engine.generate(self.token_ids, sampling.model_copy(update=request))
             generation_s = time.perf_counter() - start
             self.versions.append(generation.policy_version)
             self.append(generation.token_ids, generation.logprobs)  # mask 1: sampled by the policy
@@ -229,6 +236,12 @@ def _turn(text: str, generation: Any, generation_s: float, env_s: float, new_mes
         reward=float(reward),
         void=bool(info.get("void_turn", False)),
     )
+
+
+def _request_seed(*parts: int) -> int:
+    """A seed for one generate request, distinct for every (base seed, episode seed, turn)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") >> 1  # 31 bits: fits every engine's seed type
 
 
 def _task_id(task: Any) -> str:

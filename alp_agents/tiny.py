@@ -118,13 +118,16 @@ def _build_model(tokenizer: PreTrainedTokenizerFast, *, seed: int, size: str) ->
 
 _NAMES = ["Ava", "Ben", "Chen", "Dana", "Eli", "Fatima", "Gus", "Hana", "Ivan", "Jo", "Kofi", "Lena"]
 _ITEMS = ["apples", "books", "coins", "marbles", "pencils", "stickers", "tickets", "boxes", "eggs", "cards"]
-_TOOL_SCHEMAS = [
-    {"type": "function", "function": {"name": "calculator", "description": "Evaluate an arithmetic expression and return its value.",
-     "parameters": {"type": "object", "properties": {"expression": {"type": "string", "description": "The expression, e.g. 12 * (3 + 4)."}},
-                    "required": ["expression"]}}},
+_TOOL_SCHEMAS = [  # shaped like the built-in tools' schemas, so their words become single tokens
+    {"type": "function", "function": {"name": "calculator", "description": (
+        "Evaluate an arithmetic expression exactly. Operators + - * / // % ** ( ); functions sqrt, abs, round, "
+        "min, max, floor, ceil, log, log2, log10, exp, sin, cos, tan, factorial, gcd, lcm; constants pi, e."),
+     "parameters": {"additionalProperties": False, "description": "Arguments of the calculator tool.", "properties": {
+         "expression": {"description": "The expression, e.g. '(1234 + 5678) * 9'.", "type": "string"}},
+         "required": ["expression"], "type": "object"}}},
     {"type": "function", "function": {"name": "python", "description": "Run a Python program and return what it prints.",
-     "parameters": {"type": "object", "properties": {"code": {"type": "string", "description": "The program to run."}},
-                    "required": ["code"]}}},
+     "parameters": {"additionalProperties": False, "description": "Arguments of the python tool.", "properties": {
+         "code": {"description": "The program to run.", "type": "string"}}, "required": ["code"], "type": "object"}}},
 ]
 
 

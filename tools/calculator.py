@@ -44,7 +44,7 @@ class CalculatorArgs(ToolArgs):
     """Arguments of the calculator tool."""
 
     expression: str = Field(
-        description="An arithmetic expression, e.g. '(1234 + 5678) * 9 / 4' or 'sqrt(2) * 3**4'."
+        description="The expression, e.g. '(1234 + 5678) * 9'."
     )
 
 
@@ -52,10 +52,9 @@ class Calculator(Tool[CalculatorArgs]):
     """Evaluates arithmetic expressions exactly, within limits on size."""
 
     name = "calculator"
-    description = (
-        "Evaluate an arithmetic expression exactly and return its value. Supports + - * / // % ** "
-        "(or ^), parentheses, pi, e, and sqrt, abs, round, min, max, floor, ceil, log (natural, or "
-        "log(x, base)), log2, log10, exp, sin, cos, tan, factorial, gcd, lcm."
+    description = (  # terse: the schema is in every prompt
+        "Evaluate an arithmetic expression exactly. Operators + - * / // % ** ( ); functions sqrt, abs, round, "
+        "min, max, floor, ceil, log, log2, log10, exp, sin, cos, tan, factorial, gcd, lcm; constants pi, e."
     )
     args_model = CalculatorArgs
 

@@ -1,0 +1,149 @@
+"""The jobs behind the CLI: build the pieces from configs (model, environment, tasks, engine) and run them.
+
+This is the application layer: the one place that knows the built-in environments and task sources
+as well as the trainer, so that the library packages keep their one-way dependencies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gymnasium
+import torch
+from pydantic import BaseModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import alp_agents.envs  # noqa: F401 - registers the built-in environments with gymnasium
+from alp_agents.config import load_config
+from alp_agents.demonstrations import read_demonstrations, tokenize_demonstration, write_demonstrations
+from alp_agents.engines import OpenAIServerEngine, VLLMEngine
+from alp_agents.engines.base import SamplingConfig
+from alp_agents.envs import Task, arithmetic_tasks, load_jsonl_tasks, split_tasks
+from alp_agents.envs.demos import make_demonstrations
+from alp_agents.errors import ConfigError
+from alp_agents.evaluation import RolloutStats, rollout_stats
+from alp_agents.rollout import EpisodeEnv, RolloutLimits, collect
+from alp_agents.tiny import build_tiny_model
+from alp_agents.trajectory import Trajectory, write_trajectories
+from alp_agents.trainers.loop import train
+from alp_agents.trainers.run_config import DataSection, EnvSection, ModelSection, TrainConfig
+from alp_agents.trainers.run_dir import RunDir
+from alp_agents.trainers.sft import SFTConfig, run_sft
+
+
+def env_factory(section: EnvSection) -> Callable[[], EpisodeEnv]:
+    """A function making one fresh environment per episode; fails now, naming the id, if it does not exist."""
+    if section.id not in gymnasium.registry:
+        close = [env_id for env_id in gymnasium.registry if env_id.startswith("alp_agents/")]
+        raise ConfigError(f"env.id {section.id!r} is not registered; built-in ids: {', '.join(sorted(close))}")
+    return lambda: gymnasium.make(section.id, **section.kwargs)
+
+
+def load_tasks(section: DataSection) -> tuple[list[Task], list[Task]]:
+    """(train, held-out) tasks of a data section."""
+    if section.source == "jsonl":
+        if not section.path:
+            raise ConfigError("data.path is empty: data.source = 'jsonl' needs the file's path")
+        tasks = load_jsonl_tasks(section.path)
+    else:
+        tasks = arithmetic_tasks(section.train_size + section.eval_size, seed=section.seed, difficulty=section.difficulty)
+    if section.eval_size == 0:
+        return list(tasks), []
+    return split_tasks(tasks, held_out=section.eval_size, seed=section.seed)
+
+
+def resolve_model(section: ModelSection, work_dir: Path) -> Path:
+    """The model directory of a model section, building the default model when no path is given."""
+    if section.path:
+        return Path(section.path)
+    return build_tiny_model(work_dir / f"default-{section.size}-seed{section.seed}", seed=section.seed, size=section.size)
+
+
+# -- alp train ------------------------------------------------------------------------------------
+
+
+def train_from_config(config: Path | None, overrides: list[str], run_dir: Path, *, resume: bool = False) -> list[dict[str, Any]]:
+    """`alp train`: load the config (or the run's own config when resuming) and run the loop."""
+    if resume:
+        cfg = RunDir(run_dir).read_config(TrainConfig)
+        if config is not None or overrides:
+            raise ConfigError("--resume continues a run with its saved config; drop --config and --set")
+    else:
+        cfg = load_config(TrainConfig, config, overrides)
+    train_tasks, eval_tasks = load_tasks(cfg.data)
+    model_dir = resolve_model(cfg.model, run_dir)
+    return train(cfg, run_dir, env_factory=env_factory(cfg.env), model_dir=model_dir, train_tasks=train_tasks,
+                 eval_tasks=eval_tasks, resume=resume)
+
+
+# -- alp make-demos / alp sft -----------------------------------------------------------------------
+
+
+def make_demos(out: Path, *, n: int, difficulty: int, seed: int, env_kwargs: dict[str, Any]) -> Path:
+    """`alp make-demos`: n expert demonstrations on synthetic arithmetic in a ToolEnv."""
+    tasks = arithmetic_tasks(n, seed=seed, difficulty=difficulty)
+    return write_demonstrations(out, make_demonstrations(lambda: alp_agents.envs.ToolEnv(**env_kwargs), tasks))
+
+
+def sft(model_dir: Path, demos: Path, out: Path, cfg: SFTConfig) -> list[dict[str, float]]:
+    """`alp sft`: fine-tune `model_dir` on the demonstrations and save the result in `out`."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    examples = [tokenize_demonstration(tokenizer, demo) for demo in read_demonstrations(demos)]
+    history = run_sft(model, examples, cfg, pad_token_id=tokenizer.pad_token_id or 0)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (Path(out) / "sft_metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in history), encoding="utf-8")
+    return history
+
+
+# -- alp eval / alp rollout -------------------------------------------------------------------------
+
+
+class EvalReport(BaseModel):
+    """What `alp eval` prints and writes."""
+
+    model: str
+    env: str
+    data: str
+    stats: RolloutStats
+    seconds: float
+
+
+def rollout_tasks(model_dir: Path, env: EnvSection, tasks: list[Task], *, k: int, sampling: SamplingConfig,
+                  limits: RolloutLimits, servers: list[str], seed: int = 0) -> list[Trajectory]:
+    """Play k episodes of every task with the model, in-process or on vLLM servers."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+
+    async def run() -> list[Trajectory]:
+        engine = OpenAIServerEngine(servers) if servers else await VLLMEngine.start(model_dir, seed=seed)
+        async with engine:
+            return await collect(env_factory(env), tasks, engine, tokenizer, sampling=sampling, group_size=k, limits=limits, seed=seed)
+
+    return asyncio.run(run())
+
+
+def evaluate(model_dir: Path, env: EnvSection, data: str, *, k: int, out: Path | None, sampling: SamplingConfig,
+             limits: RolloutLimits, servers: list[str]) -> EvalReport:
+    """`alp eval`: multi-turn rollouts on a task file, summarised (avg@k, pass@k, tool use, ...)."""
+    tasks = tasks_from_argument(data)
+    start = time.perf_counter()
+    trajectories = rollout_tasks(model_dir, env, tasks, k=k, sampling=sampling, limits=limits, servers=servers)
+    if out is not None:
+        write_trajectories(out, trajectories)
+    return EvalReport(model=str(model_dir), env=env.id, data=data, stats=rollout_stats(trajectories), seconds=time.perf_counter() - start)
+
+
+def tasks_from_argument(data: str) -> list[Task]:
+    """Tasks from `--data`: a JSONL file, or `arithmetic:N[:difficulty[:seed]]` for synthetic problems."""
+    if data.startswith("arithmetic:"):
+        n, difficulty, seed = ([int(part) for part in data.split(":")[1:]] + [2, 0])[:3]
+        return arithmetic_tasks(n, seed=seed, difficulty=difficulty)
+    if not Path(data).is_file():
+        raise ConfigError(f"--data {data!r} is neither a JSONL file nor 'arithmetic:N[:difficulty[:seed]]'")
+    return load_jsonl_tasks(data)

@@ -1,0 +1,216 @@
+"""The RL training loop, top to bottom: rollouts -> update -> weight sync -> log, every iteration.
+
+    for iteration in 1..N:
+        trajectories = collect(this iteration's tasks, group_size episodes each)    # engine: policy v
+        metrics      = trainer.step(trajectories)                                   # updates_per_batch AdamW steps
+        engine.update_weights(trainer.policy_state_dict(), v + 1)                   # in memory / over HTTP
+        log the metrics; evaluate on held-out tasks and checkpoint now and then
+
+With `schedule.async_rollouts`, iteration n+1's rollouts are generated while the trainer updates on
+iteration n (one step off: staleness <= 1, recorded in every trajectory's policy_version); the
+importance ratio against the engine's log-probs is exactly what ALP corrects.
+
+Failures stay small: a failed episode is dropped from the batch (counted in rollout/failure_rate);
+a batch without any learning signal (every group's rewards equal) is skipped and counted; Ctrl-C
+(SIGINT) or SIGTERM finishes or cancels the work in flight, saves a checkpoint and closes the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from alp_agents.engines import OpenAIServerEngine, VLLMEngine
+from alp_agents.engines.base import InferenceEngine, SamplingConfig
+from alp_agents.evaluation import rollout_stats
+from alp_agents.plots import plot_run
+from alp_agents.rollout import EpisodeEnv, collect
+from alp_agents.trajectory import Trajectory
+from alp_agents.trainers.run_config import EngineSection, TrainConfig
+from alp_agents.trainers.run_dir import LoopState, RunDir
+from alp_agents.trainers.trainer import ALPTrainer
+
+T = TypeVar("T")
+
+
+class Interrupted(Exception):
+    """Raised inside the loop when SIGINT/SIGTERM arrives; the loop checkpoints and returns."""
+
+
+def train(cfg: TrainConfig, run_dir: str | Path, *, env_factory: Callable[[], EpisodeEnv], model_dir: str | Path,
+          train_tasks: Sequence[Any], eval_tasks: Sequence[Any], resume: bool = False,
+          engine: InferenceEngine | None = None, progress: bool = True) -> list[dict[str, Any]]:
+    """Run (or, with `resume`, continue) the RL loop; return the metrics rows logged by this call.
+
+    `engine`: use this running engine instead of starting one (it is left open and its weights changed).
+    """
+    return asyncio.run(_train(cfg, RunDir(run_dir), env_factory, Path(model_dir), train_tasks, eval_tasks, resume, engine, progress))
+
+
+async def _train(cfg: TrainConfig, run: RunDir, env_factory: Callable[[], EpisodeEnv], model_dir: Path,
+                 train_tasks: Sequence[Any], eval_tasks: Sequence[Any], resume: bool,
+                 given_engine: InferenceEngine | None, progress: bool) -> list[dict[str, Any]]:
+    # -- state: fresh, or from the last checkpoint ---------------------------------------------------
+    state, trainer_state = LoopState(iteration=0, policy_version=0), None
+    if resume:
+        model_dir, trainer_state, state = run.load_checkpoint()
+        run.truncate_metrics(after_iteration=state.iteration)
+    else:
+        run.write_config(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    trainer = ALPTrainer(model, cfg.trainer)
+    if trainer_state is not None:
+        trainer.load_state_dict(trainer_state)
+    engine = given_engine or await start_engine(cfg.engine, model_dir, seed=cfg.schedule.seed, version=state.policy_version)
+    if given_engine is not None:
+        await engine.update_weights(trainer.policy_state_dict(), state.policy_version)
+
+    schedule, rollout = cfg.schedule, cfg.rollout
+    sampling = rollout.sampling
+    eval_sampling = sampling.model_copy(update={"temperature": schedule.eval_temperature})
+
+    def rollouts(iteration: int) -> Awaitable[list[Trajectory]]:
+        tasks = tasks_for_iteration(train_tasks, iteration, rollout.tasks_per_batch, seed=schedule.seed)
+        return collect(env_factory, tasks, engine, tokenizer, sampling=sampling, group_size=rollout.group_size,
+                       limits=rollout.limits, max_concurrency=rollout.max_concurrency, seed=schedule.seed * 100_003 + iteration,
+                       progress=False)
+
+    async def evaluate() -> dict[str, float]:
+        if not eval_tasks:
+            return {}
+        trajectories = await collect(env_factory, eval_tasks, engine, tokenizer, sampling=eval_sampling, group_size=schedule.eval_k,
+                                     limits=rollout.limits, max_concurrency=rollout.max_concurrency, seed=10**6 + schedule.seed,
+                                     progress=False)
+        return {f"eval/{k}": float(v) for k, v in rollout_stats(trajectories).model_dump().items()}
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    rows: list[dict[str, Any]] = []
+    pending: asyncio.Task[list[Trajectory]] | None = None
+    bar = tqdm(total=schedule.iterations, initial=state.iteration, desc="train", unit="it", disable=not progress)
+    try:
+        if state.iteration == 0:
+            rows.append({"iteration": 0, "policy_version": 0, **await until_stopped(evaluate(), stop)})
+            run.log(rows[-1])
+        for iteration in range(state.iteration + 1, schedule.iterations + 1):
+            # -- 1) rollouts with the current policy (already running if async) ----------------------
+            start = time.perf_counter()
+            pending = pending or asyncio.ensure_future(rollouts(iteration))
+            trajectories = await until_stopped(pending, stop)
+            pending = None
+            rollout_s = time.perf_counter() - start
+            if schedule.async_rollouts and iteration < schedule.iterations:
+                pending = asyncio.ensure_future(rollouts(iteration + 1))  # generated while we train
+            row: dict[str, Any] = {"iteration": iteration, **rollout_metrics(trajectories, state.policy_version)}
+
+            # -- 2) the update (in a thread: the event loop keeps feeding async rollouts) ----------------
+            start = time.perf_counter()
+            usable = [t for t in trajectories if t.finish_reason != "error"]
+            if has_learning_signal(usable) and len(usable) >= cfg.trainer.updates_per_batch:
+                row.update(await asyncio.to_thread(trainer.step, usable))
+                row["train/skipped_batch"] = 0.0
+            else:
+                row["train/skipped_batch"] = 1.0  # every group's rewards are equal: no advantage, no update
+            train_s = time.perf_counter() - start
+
+            # -- 3) weight sync: the engine samples the next rollouts from the new policy ---------------
+            start = time.perf_counter()
+            state = LoopState(iteration=iteration, policy_version=state.policy_version + 1)
+            await engine.update_weights(trainer.policy_state_dict(), state.policy_version)
+            sync_s = time.perf_counter() - start
+
+            # -- 4) log, evaluate, checkpoint --------------------------------------------------------
+            sampled = sum(t.num_sampled_tokens for t in trajectories)
+            row.update({"policy_version": state.policy_version, "time/rollout_s": rollout_s, "time/train_s": train_s,
+                        "time/sync_s": sync_s, "perf/rollout_tokens_per_s": sampled / max(rollout_s, 1e-9)})
+            if iteration == schedule.iterations or (schedule.eval_every and iteration % schedule.eval_every == 0):
+                row.update(await until_stopped(evaluate(), stop))
+            run.log(row)
+            run.write_samples(iteration, trajectories)
+            rows.append(row)
+            if iteration == schedule.iterations or (schedule.checkpoint_every and iteration % schedule.checkpoint_every == 0):
+                run.save_checkpoint(model, tokenizer, trainer.state_dict(), state)
+            bar.update()
+            bar.set_postfix(reward=f"{row['rollout/mean_reward']:.2f}", acc=f"{row['rollout/avg_at_k']:.2f}",
+                            tok_s=f"{row['perf/rollout_tokens_per_s']:.0f}", refresh=False)
+            if stop.is_set():
+                raise Interrupted
+    except Interrupted:
+        print(f"\ninterrupted: saving a checkpoint of iteration {state.iteration} in {run.checkpoint_path}", flush=True)
+        run.save_checkpoint(model, tokenizer, trainer.state_dict(), state)
+    finally:
+        bar.close()
+        if pending is not None:
+            pending.cancel()
+            await asyncio.gather(pending, return_exceptions=True)
+        if given_engine is None:
+            await engine.close()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        run.close()
+    plot_run(run.path)
+    return rows
+
+
+async def start_engine(cfg: EngineSection, model_dir: Path, *, seed: int, version: int) -> InferenceEngine:
+    """vLLM servers over HTTP when `cfg.servers` lists any (they get the weights pushed), else vLLM in this process."""
+    if cfg.servers:
+        engine = OpenAIServerEngine(cfg.servers, timeout_s=cfg.request_timeout_s or 600.0)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        await engine.update_weights(model.state_dict(), version)  # the servers may hold other weights
+        return engine
+    return await VLLMEngine.start(model_dir, seed=seed, dtype=cfg.dtype, request_timeout_s=cfg.request_timeout_s, version=version)
+
+
+async def until_stopped(work: Awaitable[T], stop: asyncio.Event) -> T:
+    """Await `work`, unless `stop` is set first: then cancel it and raise Interrupted."""
+    job = asyncio.ensure_future(work)
+    stopper = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({job, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    stopper.cancel()
+    if not job.done():
+        job.cancel()
+        await asyncio.gather(job, return_exceptions=True)
+        raise Interrupted
+    return job.result()
+
+
+def tasks_for_iteration(tasks: Sequence[Any], iteration: int, per_batch: int, *, seed: int) -> list[Any]:
+    """The tasks of iteration `iteration` (1-based): consecutive slices of a seeded shuffle, reshuffled every epoch.
+
+    A pure function of its arguments, so a resumed run sees exactly the tasks the original would have.
+    """
+    chosen = []
+    for position in range((iteration - 1) * per_batch, iteration * per_batch):
+        epoch, index = divmod(position, len(tasks))
+        chosen.append(tasks[random.Random(seed * 7919 + epoch).sample(range(len(tasks)), len(tasks))[index]])
+    return chosen
+
+
+def has_learning_signal(trajectories: Sequence[Trajectory]) -> bool:
+    """Whether any group's rewards differ (otherwise every GRPO advantage is zero)."""
+    rewards: dict[str, set[float]] = defaultdict(set)
+    for t in trajectories:
+        rewards[t.group_id].add(t.reward)
+    return any(len(values) > 1 for values in rewards.values())
+
+
+def rollout_metrics(trajectories: Sequence[Trajectory], policy_version: int) -> dict[str, float]:
+    """rollout/* statistics of a batch, plus staleness: engine versions behind the policy being updated."""
+    metrics = {f"rollout/{k}": float(v) for k, v in rollout_stats(trajectories).model_dump().items()}
+    sampled = [t for t in trajectories if t.finish_reason != "error" and t.turns]
+    metrics["rollout/staleness"] = sum(policy_version - t.policy_version for t in sampled) / max(len(sampled), 1)
+    return metrics

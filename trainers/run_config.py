@@ -1,0 +1,103 @@
+"""Every setting of an RL run (`alp train --config run.toml`), in one typed config.
+
+    [model]     the starting weights          [rollout]   batch shape, sampling, episode limits
+    [env]       environment id and arguments  [engine]    in-process vLLM or vLLM servers
+    [data]      the tasks: train / held-out   [trainer]   algorithm, loss, optimizer (TrainerConfig)
+    [schedule]  iterations, async, eval, checkpoints
+
+Unknown keys and invalid values fail at load, naming the field (alp_agents.config.load_config).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from alp_agents.config import Config
+from alp_agents.engines.base import SamplingConfig
+from alp_agents.rollout import RolloutLimits
+from alp_agents.trainers.trainer import TrainerConfig
+
+
+class ModelSection(Config):
+    path: str = ""
+    """Hugging Face model directory to start from (e.g. an `alp sft` output); empty builds the default model."""
+    size: Literal["tiny", "small"] = "small"
+    """Size of the default model when `path` is empty."""
+    seed: int = 0
+    """Seed of the default model's weights when `path` is empty."""
+
+
+class EnvSection(Config):
+    id: str = "alp_agents/ToolMath-v0"
+    """gymnasium id of the environment (registered by importing its package)."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Constructor arguments of the environment, e.g. {max_turns = 3, system_prompt = "..."}."""
+
+
+class DataSection(Config):
+    source: Literal["arithmetic", "jsonl"] = "arithmetic"
+    """'arithmetic': seeded synthetic word problems; 'jsonl': a file with problem/answer/id fields."""
+    path: str = ""
+    """The JSONL file when source = 'jsonl'."""
+    difficulty: int = Field(2, ge=1, le=3)
+    """Difficulty of synthetic problems (1: numbers under 100; 2: 3-digit x 2-digit; 3: larger)."""
+    train_size: int = Field(2000, ge=1)
+    """Synthetic problems to train on."""
+    eval_size: int = Field(64, ge=0)
+    """Held-out problems for evaluation (split off deterministically, never trained on)."""
+    seed: int = 0
+    """Seed of the synthetic problems and of the split."""
+
+
+class RolloutSection(Config):
+    tasks_per_batch: int = Field(8, ge=1)
+    """Tasks per iteration; each is played group_size times."""
+    group_size: int = Field(8, ge=1)
+    """Episodes per task: the group whose rewards GRPO advantages compare."""
+    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=1.0, seed=0))
+    """Sampling of training rollouts (a seed makes rollouts replayable, which `--resume` relies on)."""
+    limits: RolloutLimits = Field(default_factory=RolloutLimits)
+    """Turns, tokens per turn, context and time of one episode."""
+    max_concurrency: int = Field(64, ge=1)
+    """Episodes in flight at once."""
+
+
+class EngineSection(Config):
+    servers: list[str] = Field(default_factory=list)
+    """Base URLs of vLLM OpenAI-compatible servers (load-balanced); empty starts vLLM in this process."""
+    dtype: str | None = None
+    """Engine dtype ('float32' on CPU by default, the model's on GPU); 'bfloat16' adds a real train/inference mismatch."""
+    request_timeout_s: float | None = Field(120.0, gt=0)
+    """Deadline of one generate call; past it the episode fails (not the run)."""
+
+
+class ScheduleSection(Config):
+    iterations: int = Field(30, ge=1)
+    """Rollout + update iterations."""
+    async_rollouts: bool = False
+    """One-step-off: generate iteration n+1's rollouts while the trainer updates on iteration n (staleness <= 1)."""
+    eval_every: int = Field(10, ge=0)
+    """Evaluate on the held-out tasks every this many iterations (0: only before the first and after the last)."""
+    eval_k: int = Field(2, ge=1)
+    """Samples per held-out task (avg@k, pass@k)."""
+    eval_temperature: float = Field(1.0, ge=0)
+    """Sampling temperature of evaluation."""
+    checkpoint_every: int = Field(10, ge=0)
+    """Save a checkpoint every this many iterations (0: only at the end); Ctrl-C also saves one."""
+    seed: int = 0
+    """Seed of the task order and of the environments' resets."""
+
+
+class TrainConfig(Config):
+    """One RL run."""
+
+    model: ModelSection = Field(default_factory=ModelSection)
+    env: EnvSection = Field(default_factory=EnvSection)
+    data: DataSection = Field(default_factory=DataSection)
+    rollout: RolloutSection = Field(default_factory=RolloutSection)
+    engine: EngineSection = Field(default_factory=EngineSection)
+    trainer: TrainerConfig = Field(default_factory=lambda: TrainerConfig(lr=1e-5))
+    """The update: algorithm (alp | bypass | grpo | tis | mis | gspo), loss, optimizer, batching."""
+    schedule: ScheduleSection = Field(default_factory=ScheduleSection)

@@ -1,0 +1,111 @@
+"""The run directory: everything a training run leaves for a person (and for `--resume`) to read.
+
+    RUN_DIR/
+      config.json           the resolved TrainConfig
+      metrics.jsonl         one row per iteration (and the iteration-0 evaluation)
+      tensorboard/          the same scalars as TensorBoard events
+      samples/iter_N.jsonl  a few trajectories of iteration N (read them with `alp show`)
+      checkpoint/           model/ (HF directory), trainer.pt (optimizer, sigma, counters), loop.json
+      plots/                PNG figures (`alp plot RUN_DIR`)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+from torch.utils.tensorboard import SummaryWriter
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from alp_agents.config import Config
+from alp_agents.errors import ConfigError
+from alp_agents.trajectory import Trajectory, write_trajectories
+
+
+class LoopState(BaseModel):
+    """Where the loop stands: enough, with the model and trainer state, to continue exactly."""
+
+    iteration: int
+    """Iterations completed."""
+    policy_version: int
+    """Version of the weights in the engine (bumped by every update)."""
+
+
+class RunDir:
+    """Paths and files of one run."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.path / "metrics.jsonl"
+        self.checkpoint_path = self.path / "checkpoint"
+        self._writer: SummaryWriter | None = None
+
+    def write_config(self, cfg: Config) -> None:
+        (self.path / "config.json").write_text(cfg.model_dump_json(indent=2) + "\n", encoding="utf-8")
+
+    def read_config(self, model: type[Config]) -> Config:
+        path = self.path / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"{self.path} has no config.json: it is not a run directory (start the run with `alp train`)")
+        return model.model_validate_json(path.read_text(encoding="utf-8"))
+
+    # -- metrics ----------------------------------------------------------------------------------
+
+    def log(self, row: dict[str, Any]) -> None:
+        """Append one metrics row (JSON Lines) and its scalars to TensorBoard."""
+        with self.metrics_path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._writer is None:
+            self._writer = SummaryWriter(str(self.path / "tensorboard"))
+        for key, value in row.items():
+            if key != "iteration" and isinstance(value, (int, float)) and math.isfinite(value):
+                self._writer.add_scalar(key, value, row["iteration"])
+        self._writer.flush()
+
+    def truncate_metrics(self, after_iteration: int) -> None:
+        """Drop rows past `after_iteration` (logged by a run that died before its next checkpoint)."""
+        if not self.metrics_path.exists():
+            return
+        rows = [line for line in self.metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        kept = [line for line in rows if json.loads(line)["iteration"] <= after_iteration]
+        self.metrics_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+    def write_samples(self, iteration: int, trajectories: list[Trajectory], n: int = 4) -> None:
+        write_trajectories(self.path / "samples" / f"iter_{iteration}.jsonl", trajectories[:n])
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def save_checkpoint(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, trainer_state: dict[str, Any],
+                        state: LoopState) -> None:
+        """Write a complete checkpoint next to the old one, then swap it in (a crash never leaves half a checkpoint)."""
+        staging = self.path / "checkpoint.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        model.save_pretrained(staging / "model")
+        tokenizer.save_pretrained(staging / "model")
+        torch.save(trainer_state, staging / "trainer.pt")
+        (staging / "loop.json").write_text(state.model_dump_json() + "\n", encoding="utf-8")
+        previous = self.path / "checkpoint.old"
+        shutil.rmtree(previous, ignore_errors=True)
+        if self.checkpoint_path.exists():
+            self.checkpoint_path.rename(previous)
+        staging.rename(self.checkpoint_path)
+        shutil.rmtree(previous, ignore_errors=True)
+
+    def load_checkpoint(self) -> tuple[Path, dict[str, Any], LoopState]:
+        """(model directory, trainer state, loop state) of the last checkpoint."""
+        if not (self.checkpoint_path / "loop.json").is_file():
+            raise ConfigError(f"{self.path} has no checkpoint to resume from (expected {self.checkpoint_path}/loop.json)")
+        state = LoopState.model_validate_json((self.checkpoint_path / "loop.json").read_text(encoding="utf-8"))
+        trainer_state = torch.load(self.checkpoint_path / "trainer.pt", weights_only=False)
+        return self.checkpoint_path / "model", trainer_state, state
