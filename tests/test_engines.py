@@ -17,7 +17,7 @@ from alp_agents.chat import prompt_token_ids
 from alp_agents.engines import Generation, InferenceEngine, SamplingConfig, VLLMEngine
 from alp_agents.engines.vllm_engine import map_vllm_exceptions, vllm_exception_map
 from alp_agents.engines.weight_sync import weights_file
-from alp_agents.errors import EngineError, EngineTimeout, EngineUnavailable
+from alp_agents.errors import EngineError, EngineTimeout, EngineUnavailable, ModelError
 from alp_agents.trajectory import Message
 
 LOGPROB_TOLERANCE = 1e-4  # measured max |vLLM - HF| is ~1e-6 in float32; a stale cache or wrong weights is > 0.1
@@ -180,6 +180,18 @@ def test_generations_in_flight_finish_on_the_old_weights(vllm_engine, prompts, h
     assert max_abs_diff(later.logprobs, hf_logprobs(prompts[0], later.token_ids, weights=new_weights)) < LOGPROB_TOLERANCE
 
 
+def test_weights_that_do_not_fit_are_refused_and_the_engine_keeps_working(vllm_engine, prompts, tiny_weights, hf_logprobs):
+    bad = {**tiny_weights, "model.bogus.weight": torch.zeros(3), "model.layers.0.mlp.up_proj.weight": torch.zeros(2, 2)}
+    del bad["model.norm.weight"]
+    version = vllm_engine.policy_version
+    expected = r"unknown names: model.bogus.weight; missing names: model.norm.weight; wrong shapes: model.layers.0.mlp.up_proj.weight \(2, 2\)"
+    with pytest.raises(ModelError, match=expected):
+        asyncio.run(vllm_engine.update_weights(bad, version=version + 1))
+    assert vllm_engine.policy_version == version
+    generation = asyncio.run(vllm_engine.generate(prompts[0], SamplingConfig(max_tokens=8)))
+    assert max_abs_diff(generation.logprobs, hf_logprobs(prompts[0], generation.token_ids)) < LOGPROB_TOLERANCE
+
+
 def test_weights_file_skips_the_tied_head(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     state = model.state_dict()
@@ -205,7 +217,8 @@ def test_every_vllm_exception_is_mapped():
         if issubclass(cls, vllm.exceptions.VLLMError)
     ]
     assert len(upstream) >= 10
-    cases = [(TimeoutError(), EngineTimeout)] + [
+    utility_call_failed = Exception("Call to collective_rpc method failed: boom")  # how vLLM reports a failed utility call
+    cases = [(TimeoutError(), EngineTimeout), (utility_call_failed, EngineError)] + [
         (instance(cls), EngineUnavailable if cls is vllm.v1.engine.exceptions.EngineDeadError else EngineError) for cls in upstream
     ]
     for error, expected in cases:
@@ -218,7 +231,7 @@ def test_every_vllm_exception_is_mapped():
 
 def test_other_exceptions_pass_through_unmapped():
     with pytest.raises(KeyError), map_vllm_exceptions("request r1"):
-        raise KeyError("not vLLM's")
+        raise KeyError("a bug of ours, not vLLM's")
 
 
 def test_close_stops_every_vllm_process(tiny_model_dir, prompts):

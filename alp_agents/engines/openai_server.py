@@ -38,7 +38,7 @@ import httpx
 
 from alp_agents.engines.base import EngineThread, Generation, NamedTensors, SamplingConfig, WeightVersionGate, checked_prompt
 from alp_agents.engines.vllm_setup import sampling_arguments
-from alp_agents.engines.weight_sync import LOAD_METHOD, weights_file
+from alp_agents.engines.weight_sync import LOAD_METHOD, raise_for_load_reports, weights_file
 from alp_agents.errors import ConfigError, EngineError, EngineTimeout, EngineUnavailable
 
 if TYPE_CHECKING:
@@ -158,7 +158,8 @@ class OpenAIServerEngine:
             await asyncio.gather(*(self._load_weights_on(server, path) for server in self._servers))
 
     async def _load_weights_on(self, server: _Server, path: str) -> None:
-        await self._post("/collective_rpc", {"method": LOAD_METHOD, "args": [path]}, server=server)
+        _, loaded = await self._post("/collective_rpc", {"method": LOAD_METHOD, "args": [path]}, server=server)
+        raise_for_load_reports(loaded.get("results", [None]), server.url)
         _, reset = await self._post("/reset_prefix_cache", {}, server=server)
         if not reset.get("success"):
             raise EngineError(

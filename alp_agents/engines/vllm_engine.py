@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 from alp_agents.engines.base import EngineThread, Generation, NamedTensors, SamplingConfig, WeightVersionGate, checked_prompt
 from alp_agents.engines.vllm_setup import configure_vllm_environment, engine_arguments, sampling_arguments
-from alp_agents.engines.weight_sync import LOAD_METHOD, weights_file
+from alp_agents.engines.weight_sync import LOAD_METHOD, raise_for_load_reports, weights_file
 from alp_agents.errors import EngineError, EngineTimeout, EngineUnavailable, ModelError
 
 if TYPE_CHECKING:
@@ -133,8 +133,9 @@ class VLLMEngine:
 
     async def _load_weights(self, path: str, version: int) -> None:
         async with self._gate.update(version), self._engine(f"weight update to version {version}") as llm:
-            await llm.collective_rpc(LOAD_METHOD, args=(path,))
-            await llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
+            raise_for_load_reports(await llm.collective_rpc(LOAD_METHOD, args=(path,)), "the vLLM worker")
+            if not await llm.reset_prefix_cache():  # cached KV blocks were computed by the old weights
+                raise EngineError("vLLM loaded the new weights but could not reset its prefix cache")
 
     async def _shutdown(self) -> None:
         llm, self._llm = self._llm, None
@@ -188,7 +189,13 @@ def vllm_exception_map() -> list[tuple[type[BaseException], type[EngineError], s
         (VLLMClientError, EngineError, "was rejected by vLLM"),
         (GracefulHTTPError, EngineError, "was refused by vLLM"),
         (VLLMError, EngineError, "failed inside vLLM"),
+        (Exception, EngineError, "failed in a vLLM utility call (collective_rpc, reset_prefix_cache)"),
     ]
+
+
+def _matches(error: BaseException, upstream: type[BaseException]) -> bool:
+    # vLLM reports a failed utility call as a bare Exception: only that exact type is vLLM's, not every subclass.
+    return type(error) is Exception if upstream is Exception else isinstance(error, upstream)
 
 
 @contextmanager
@@ -198,7 +205,7 @@ def map_vllm_exceptions(what: str, timeout_s: float | None = None) -> Iterator[N
         yield
     except Exception as error:
         for upstream, ours, meaning in vllm_exception_map():
-            if isinstance(error, upstream):
+            if _matches(error, upstream):
                 cause = error.__cause__ or error  # EngineGenerateError carries the real error as its cause
                 detail = f" ({timeout_s} s)" if isinstance(error, TimeoutError) else f": {type(cause).__name__}: {cause}"
                 raise ours(f"{what} {meaning}{detail}") from error

@@ -22,7 +22,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from alp_agents.errors import ModelError
 
 if TYPE_CHECKING:
     import torch
@@ -38,22 +41,64 @@ LOAD_METHOD = "load_weights_from_file"
 class WeightSyncExtension:
     """Methods vLLM adds to its worker class (so it must define nothing the worker has).
 
-    `self` is then the vLLM worker, with its `model_runner` and `reload_weights`.
+    `self` is then the vLLM worker, with its `model_runner`, `vllm_config` and `reload_weights`.
     """
 
-    def load_weights_from_file(self, path: str) -> int:
-        """Load every tensor of the safetensors file at `path` into the live model; return how many were loaded."""
+    def load_weights_from_file(self, path: str) -> dict[str, Any]:
+        """Load the safetensors file at `path` into the live model: {"loaded": n}, or {"error": why} if refused.
+
+        The file is checked against the model's own checkpoint (names and shapes) first: a failed
+        load leaves the model half-replaced and kills the engine on its next step, so a state dict
+        that does not fit is refused before anything is touched.
+        """
         from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
         from vllm.platforms import current_platform
 
         worker: Any = self
         model = worker.model_runner.model
         tied = bool(getattr(model.config, "tie_word_embeddings", False))
-        weights = [(name, tensor) for name, tensor in load_file(path).items() if not (tied and name.startswith("lm_head."))]
-        worker.reload_weights(weights_iterator=weights)
+        weights = {name: tensor for name, tensor in load_file(path).items() if not (tied and name.startswith("lm_head."))}
+        expected = checkpoint_shapes(worker.vllm_config.model_config.model)
+        if tied:
+            expected = {name: shape for name, shape in expected.items() if not name.startswith("lm_head.")}
+        if problem := _mismatch(weights, expected):
+            return {"error": problem}
+        worker.reload_weights(weights_iterator=list(weights.items()))
         if tied and current_platform.is_cpu():
             dispatch_cpu_unquantized_gemm(model.lm_head, remove_weight=False)  # repack the tied head from the new embedding
-        return len(weights)
+        return {"loaded": len(weights)}
+
+
+def checkpoint_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in the model directory's safetensors files (headers only; {} if there are none)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as checkpoint:
+            shapes.update({name: tuple(checkpoint.get_slice(name).get_shape()) for name in checkpoint.keys()})
+    return shapes
+
+
+def _mismatch(weights: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]]) -> str | None:
+    """Why `weights` cannot replace a checkpoint with `expected` shapes, or None if they fit."""
+    if not expected:
+        return None  # not a local safetensors checkpoint (e.g. a hub id): nothing to check against
+    unknown = sorted(set(weights) - set(expected))
+    missing = sorted(set(expected) - set(weights))
+    wrong = [f"{name} {tuple(weights[name].shape)} (expected {expected[name]})" for name in sorted(set(weights) & set(expected))
+             if tuple(weights[name].shape) != expected[name]]  # fmt: skip
+    problems = [f"{label}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+                for label, names in (("unknown names", unknown), ("missing names", missing), ("wrong shapes", wrong)) if names]  # fmt: skip
+    if not problems:
+        return None
+    return "; ".join(problems) + " (send the full state dict with Hugging Face names, e.g. model.state_dict())"
+
+
+def raise_for_load_reports(reports: list[Any], where: str) -> None:
+    """Raise ModelError if any worker refused the weights (reports are load_weights_from_file's answers)."""
+    for report in reports:
+        if not isinstance(report, dict) or "loaded" not in report:
+            detail = report.get("error") if isinstance(report, dict) else repr(report)
+            raise ModelError(f"{where} refused the new weights and kept the old ones: {detail}")
 
 
 def default_weights_dir() -> Path:
