@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Llam
 
 from alp_agents.errors import ConfigError
 from alp_agents.trainers import LayerPerturbation, find_decoder_layers
-from alp_agents.trainers.perturbation import select_layers
+from alp_agents.trainers.perturbation import _AddScaledNoise, select_layers
 
 
 @pytest.fixture
@@ -146,6 +146,13 @@ def test_gradient_reaches_every_log_sigma(qwen2):
     grad = perturbation.log_sigma.grad
     assert grad is not None and grad.shape == (qwen2.config.num_hidden_layers,)
     assert torch.isfinite(grad).all() and (grad != 0).all()
+
+
+def test_noise_gradients_match_finite_differences():
+    hidden = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    log_sigma = torch.tensor(-0.5, dtype=torch.float64, requires_grad=True)
+    eps = torch.randn(2, 3, 4, dtype=torch.float64)
+    assert torch.autograd.gradcheck(_AddScaledNoise.apply, (hidden, log_sigma, eps))
 
 
 def test_gradient_checkpointing_recompute_sees_the_same_noise(llama):

@@ -102,8 +102,9 @@ def advantage_metrics(group_advantages: GroupAdvantages) -> dict[str, float]:
 
 def sigma_metrics(names: Sequence[str], sigmas: Tensor) -> dict[str, float]:
     """sigma/min, sigma/mean, sigma/max over the perturbed points, and sigma/<point> for each one."""
-    metrics = {"sigma/min": float(sigmas.min()), "sigma/mean": float(sigmas.mean()), "sigma/max": float(sigmas.max())}
-    metrics.update({f"sigma/{name}": float(sigma) for name, sigma in zip(names, sigmas)})
+    values = sigmas.tolist()
+    metrics = {"sigma/min": min(values), "sigma/mean": sum(values) / len(values), "sigma/max": max(values)}
+    metrics.update({f"sigma/{name}": value for name, value in zip(names, values)})
     return metrics
 
 

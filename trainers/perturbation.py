@@ -7,8 +7,8 @@ per hidden unit, and `sigma_l = exp(s_l)` is one scalar per layer trained by the
 
 The noise is added by forward hooks on the model's own decoder layers, so any Hugging Face decoder
 works unmodified, and only inside `with perturbation.active(seed=...)`: outside that block the hooks
-return immediately and the model computes bit for bit what it computes without them. Each hook draws
-its noise from a fresh `torch.Generator` seeded by (seed, layer), so a recompute of the same forward
+return immediately and the model computes bit for bit what it computes without them. Each hook
+reseeds a `torch.Generator` with (seed, layer) before drawing, so a recompute of the same forward
 (gradient checkpointing) sees the same noise. `LayerPerturbation` is deliberately not an
 `nn.Module`: it can never become part of the model's module tree, its `state_dict` or
 `save_pretrained`.
@@ -107,6 +107,7 @@ class LayerPerturbation:
         self.log_sigma = nn.Parameter(torch.full((len(self.names),), math.log(init_sigma), device=device))
         """s_l, one per point: sigma_l = exp(s_l). Float32, on the model's device, trained by the RL loss."""
         self._seed: int | None = None
+        self._generators: dict[torch.device, torch.Generator] = {}
         self._handles: list[RemovableHandle] = []
         for point, index in enumerate(self.layer_indices):
             layer = decoder_layers[index]
@@ -180,10 +181,12 @@ class LayerPerturbation:
 
     def _noisy(self, point: int, hidden: Tensor) -> Tensor:
         assert self._seed is not None
-        generator = torch.Generator(device=hidden.device).manual_seed((self._seed * len(self.names) + point) % 2**63)
+        generator = self._generators.get(hidden.device)
+        if generator is None:
+            generator = self._generators[hidden.device] = torch.Generator(device=hidden.device)
+        generator.manual_seed((self._seed * len(self.names) + point) % 2**63)
         eps = torch.randn(hidden.shape, generator=generator, device=hidden.device, dtype=hidden.dtype)  # (B, T, H)
-        sigma = self.log_sigma[point].exp().to(hidden.dtype)
-        return hidden + sigma * eps
+        return _AddScaledNoise.apply(hidden, self.log_sigma[point], eps)
 
     def _input_hook(self, point: int) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
@@ -204,6 +207,26 @@ class LayerPerturbation:
             return self._noisy(point, output)
 
         return hook
+
+
+class _AddScaledNoise(torch.autograd.Function):
+    """h + exp(s) * eps, whose backward computes d/ds = exp(s) * <grad, eps> in one pass.
+
+    The same as the autograd of the plain expression, with fewer full-size temporaries: on a small
+    model these element-wise passes, not the matrix products, are what ALP adds to a step.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden: Tensor, log_sigma: Tensor, eps: Tensor) -> Tensor:
+        sigma = log_sigma.exp()
+        ctx.save_for_backward(sigma, eps)
+        return torch.addcmul(hidden, eps, sigma.to(hidden.dtype))
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
+        sigma, eps = ctx.saved_tensors
+        grad_log_sigma = sigma * torch.dot(grad.reshape(-1).float(), eps.reshape(-1).float())  # float32 sum, even for bf16
+        return grad, grad_log_sigma, None
 
 
 def _hidden_states(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:

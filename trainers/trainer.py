@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import math
 from collections.abc import Sequence
 from contextlib import nullcontext
 from typing import Any, Literal
@@ -164,7 +165,7 @@ class ALPTrainer:
 
         diagnostics: list[LossDiagnostics] = []
         entropies, train_side, infer_side = [], [], []
-        sums = {"loss/policy": 0.0, "loss/kl": 0.0, "loss/total": 0.0}
+        sums = {name: torch.zeros((), device=self._device) for name in ("loss/policy", "loss/kl", "loss/total")}
         grad_norms: dict[str, list[float]] = {"policy": [], "sigma": []}
         skipped_before = self.num_skipped_updates
         for u, update in enumerate(micro):
@@ -190,12 +191,12 @@ class ALPTrainer:
                     train_side.append((old[u][m] if old is not None else logprobs.detach())[mb.loss_mask])
                     infer_side.append(mb.infer_logprobs[mb.loss_mask])
                 for name, value in (("loss/policy", pg_loss), ("loss/kl", kl_loss), ("loss/total", loss)):
-                    sums[name] += float(value.detach()) * share / cfg.updates_per_batch
+                    sums[name] += value.detach() * (share / cfg.updates_per_batch)
             policy_norm, sigma_norm = self._apply_gradients()
             grad_norms["policy"].append(policy_norm)
             grad_norms["sigma"].append(sigma_norm)
 
-        metrics = dict(sums)
+        metrics = {name: float(total) for name, total in sums.items()}
         metrics.update(loss_metrics(diagnostics))
         metrics.update(mismatch_metrics(torch.cat(train_side), torch.cat(infer_side)))
         metrics.update(advantage_metrics(group_advantages))
@@ -228,11 +229,13 @@ class ALPTrainer:
     def _apply_gradients(self) -> tuple[float, float]:
         """Clip, then step AdamW unless a gradient is not finite (then the update is skipped and counted)."""
         policy = [p for p in self.model.parameters() if p.grad is not None]
-        policy_norm = float(torch.nn.utils.clip_grad_norm_(policy, self.cfg.grad_clip)) if policy else 0.0
-        sigma_norm = 0.0
+        norms = torch.zeros(2, device=self._device)  # (policy, sigma) gradient norms before clipping
+        if policy:
+            norms[0] = torch.nn.utils.clip_grad_norm_(policy, self.cfg.grad_clip)
         if self.perturbation is not None and self.perturbation.log_sigma.grad is not None:
-            sigma_norm = float(torch.nn.utils.clip_grad_norm_([self.perturbation.log_sigma], self.cfg.grad_clip))
-        if torch.isfinite(torch.tensor([policy_norm, sigma_norm])).all():
+            norms[1] = torch.nn.utils.clip_grad_norm_([self.perturbation.log_sigma], self.cfg.grad_clip)
+        policy_norm, sigma_norm = norms.tolist()  # one device sync for both
+        if math.isfinite(policy_norm) and math.isfinite(sigma_norm):
             self.optimizer.step()
         else:
             self.num_skipped_updates += 1
