@@ -7,6 +7,8 @@ as well as the trainer, so that the library packages keep their one-way dependen
 from __future__ import annotations
 
 import asyncio
+import difflib
+import importlib
 import json
 import time
 from collections.abc import Callable
@@ -37,11 +39,20 @@ from alp_agents.trainers.sft import SFTConfig, run_sft
 
 
 def env_factory(section: EnvSection) -> Callable[[], EpisodeEnv]:
-    """A function making one fresh environment per episode; fails now, naming the id, if it does not exist."""
-    if section.id not in gymnasium.registry:
-        close = [env_id for env_id in gymnasium.registry if env_id.startswith("alp_agents/")]
-        raise ConfigError(f"env.id {section.id!r} is not registered; built-in ids: {', '.join(sorted(close))}")
-    return lambda: gymnasium.make(section.id, **section.kwargs)
+    """A function making one fresh environment per episode; fails now, naming the id, if it does not exist.
+
+    `env.id` is a registered gymnasium id, or `module:id` to import your own module (which registers
+    its environments) first, as gymnasium.make itself allows: e.g. "my_envs:Unit-v0".
+    """
+    module, _, env_id = section.id.rpartition(":")
+    if module:
+        importlib.import_module(module)
+    if env_id not in gymnasium.registry:
+        known = sorted(i for i in gymnasium.registry if i.startswith("alp_agents/"))
+        close = difflib.get_close_matches(env_id, list(gymnasium.registry), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"env.id {section.id!r} is not registered; {hint}built-in ids: {', '.join(known)}")
+    return lambda: gymnasium.make(env_id, **section.kwargs)
 
 
 def load_tasks(section: DataSection) -> tuple[list[Task], list[Task]]:

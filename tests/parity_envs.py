@@ -1,0 +1,17 @@
+"""A test environment whose reward a random model can earn: 1.0 when the reply has an even number of characters.
+
+Importing this module registers it as `Parity-v0`, so a config can name it as `parity_envs:Parity-v0`.
+"""
+
+import gymnasium
+
+from alp_agents.envs import TextEnv, TurnResult
+
+
+class ParityEnv(TextEnv):
+    async def respond(self, action: str) -> TurnResult:
+        return TurnResult(reward=float(len(action) % 2 == 0), terminated=True, answer=action, correct=len(action) % 2 == 0)
+
+
+if "Parity-v0" not in gymnasium.registry:
+    gymnasium.register("Parity-v0", entry_point=ParityEnv, disable_env_checker=True, order_enforce=False)

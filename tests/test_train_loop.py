@@ -1,0 +1,186 @@
+"""The RL loop end to end on the tiny model: weight sync, resume after kill -9, Ctrl-C, skipped batches."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from alp_agents.config import load_config
+from alp_agents.engines import SamplingConfig
+from alp_agents.trajectory import Trajectory
+from alp_agents.trainers.loop import has_learning_signal, tasks_for_iteration, train
+from alp_agents.trainers.run_config import TrainConfig
+
+TESTS = Path(__file__).parent
+
+
+def config_toml(model_dir: Path, **schedule: int) -> str:
+    """A small deterministic run on the parity env (sampling seeded, one episode at a time)."""
+    schedule_lines = "\n".join(f"{k} = {v}" for k, v in {"iterations": 4, "eval_every": 0, "checkpoint_every": 2, **schedule}.items())
+    return f"""
+[model]
+path = "{model_dir}"
+[env]
+id = "parity_envs:Parity-v0"
+[data]
+train_size = 20
+eval_size = 4
+[rollout]
+tasks_per_batch = 2
+group_size = 4
+max_concurrency = 1
+[rollout.sampling]
+temperature = 1.0
+seed = 3
+stop = ["e", "a", "o"]  # the random model rarely ends a turn by itself
+[rollout.limits]
+max_tokens_per_turn = 12
+max_total_tokens = 512
+[trainer]
+algo = "alp"
+lr = 1e-3
+micro_batch_size = 4
+updates_per_batch = 2
+[schedule]
+{schedule_lines}
+eval_k = 1
+"""
+
+
+def alp_train(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(TESTS)}
+    return subprocess.Popen([sys.executable, "-m", "alp_agents.cli", "train", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def wait_for(predicate, timeout_s: float, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if process.poll() is not None:
+            raise AssertionError(f"alp train exited early ({process.returncode}):\n{process.stdout.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for alp train")
+        time.sleep(0.5)
+
+
+def metric_rows(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def comparable(row: dict) -> dict:
+    """A metrics row without wall-clock measurements."""
+    return {k: v for k, v in row.items() if not k.startswith(("time/", "perf/rollout_tokens"))}
+
+
+def descendants(process: subprocess.Popen) -> list[psutil.Process]:
+    """The processes `alp train` started (vLLM's EngineCore and worker, grader workers, sandboxes)."""
+    return psutil.Process(process.pid).children(recursive=True)
+
+
+def still_running(processes: list[psutil.Process]) -> list[psutil.Process]:
+    return [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, tiny_model_dir, vllm_engine, tiny_weights):
+    """An uninterrupted 4-iteration run, in this process on the shared engine (whose weights are restored after)."""
+    sys.path.insert(0, str(TESTS))
+    from alp_agents import jobs
+
+    run_dir = tmp_path_factory.mktemp("reference")
+    cfg_path = run_dir / "run.toml"
+    cfg_path.write_text(config_toml(tiny_model_dir))
+    cfg = load_config(TrainConfig, cfg_path)
+    train_tasks, eval_tasks = jobs.load_tasks(cfg.data)
+    rows = train(cfg, run_dir, env_factory=jobs.env_factory(cfg.env), model_dir=tiny_model_dir, train_tasks=train_tasks,
+                 eval_tasks=eval_tasks, engine=vllm_engine, progress=False)
+    yield cfg_path, run_dir, rows
+    asyncio.run(vllm_engine.update_weights(tiny_weights, vllm_engine.policy_version + 1))
+
+
+def test_iterations_update_the_policy_and_the_engine_serves_it(reference_run, vllm_engine, hf_logprobs, tiny_model_dir):
+    _, run_dir, rows = reference_run
+    assert [r["iteration"] for r in rows] == [0, 1, 2, 3, 4]
+    trained = [r for r in rows[1:] if r["train/skipped_batch"] == 0.0]
+    assert trained, "no iteration had a learning signal"
+    for row in trained:
+        for key in ("loss/policy", "ratio/p1", "ratio/p99", "kl/k3", "mismatch/k3", "sigma/mean", "entropy/mean", "grad/policy_norm"):
+            assert math.isfinite(row[key]), key
+    assert rows[-1]["policy_version"] == 4 and "eval/avg_at_k" in rows[-1]
+    # The engine now holds the trained weights: its log-probs match an HF recompute with them.
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "checkpoint" / "model", dtype=torch.float32)
+    weights = {name: p.detach() for name, p in model.named_parameters()}
+    prompt = AutoTokenizer.from_pretrained(tiny_model_dir).encode("Ava has 12 apples.")
+    generation = asyncio.run(vllm_engine.generate(prompt, SamplingConfig(max_tokens=16, seed=1)))
+    new = hf_logprobs(prompt, generation.token_ids, weights=weights)
+    old = hf_logprobs(prompt, generation.token_ids)
+    assert max(abs(a - b) for a, b in zip(new, generation.logprobs)) < 1e-4
+    assert max(abs(a - b) for a, b in zip(old, generation.logprobs)) > 1e-3  # the weights really changed
+    # Outputs a person looks at.
+    assert {"reward.png", "ratio_envelope.png", "kl.png", "sigma.png", "entropy_length.png"} <= {p.name for p in (run_dir / "plots").iterdir()}
+    assert list((run_dir / "tensorboard").iterdir()) and (run_dir / "samples" / "iter_4.jsonl").exists()
+
+
+def test_resume_after_kill_9_gives_the_same_metrics(reference_run, tmp_path):
+    cfg_path, _, reference = reference_run
+    run_dir = tmp_path / "run"
+    process = alp_train("--config", str(cfg_path), "--run-dir", str(run_dir))
+    wait_for(lambda: any(r["iteration"] == 3 for r in metric_rows(run_dir)), 300, process)  # past the iteration-2 checkpoint
+    os.killpg(process.pid, signal.SIGKILL)  # the trainer and everything it started die without a word
+    process.wait()
+    assert json.loads((run_dir / "checkpoint" / "loop.json").read_text())["iteration"] == 2
+    resumed = alp_train("--run-dir", str(run_dir), "--resume")
+    output, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, output[-3000:]
+    rows = metric_rows(run_dir)
+    assert [r["iteration"] for r in rows] == [0, 1, 2, 3, 4]  # the killed run's row 3 was replaced
+    for got, want in zip(rows, reference):
+        assert comparable(got).keys() == comparable(want).keys()
+        for key, value in comparable(want).items():
+            assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6, nan_ok=True), (got["iteration"], key)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_leaves_no_processes(reference_run, tmp_path):
+    cfg_path, _, _ = reference_run
+    run_dir = tmp_path / "run"
+    process = alp_train("--config", str(cfg_path), "--run-dir", str(run_dir), "--set", "schedule.iterations=50",
+                        "--set", "schedule.checkpoint_every=0")
+    wait_for(lambda: any(r["iteration"] >= 1 for r in metric_rows(run_dir)), 300, process)
+    started = descendants(process)
+    assert started, "alp train runs vLLM in child processes"
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output[-3000:]
+    assert "interrupted: saving a checkpoint" in output
+    state = json.loads((run_dir / "checkpoint" / "loop.json").read_text())
+    assert 1 <= state["iteration"] < 50 and state["policy_version"] == state["iteration"]
+    assert still_running(started) == []
+
+
+def test_task_order_is_a_pure_function_of_the_iteration():
+    tasks = list(range(10))
+    first_epoch = [t for i in range(1, 6) for t in tasks_for_iteration(tasks, i, 2, seed=0)]
+    assert sorted(first_epoch) == tasks  # every task once per epoch
+    assert tasks_for_iteration(tasks, 7, 2, seed=0) == tasks_for_iteration(tasks, 7, 2, seed=0)
+    assert [tasks_for_iteration(tasks, i, 2, seed=0) for i in range(6, 11)] != [tasks_for_iteration(tasks, i, 2, seed=0) for i in range(1, 6)]
+
+
+def test_a_batch_without_learning_signal_is_recognised():
+    def traj(group: str, reward: float) -> Trajectory:
+        return Trajectory(token_ids=[1, 2], loss_mask=[0, 1], infer_logprobs=[0.0, -1.0], prompt_length=1, reward=reward, group_id=group)
+
+    assert not has_learning_signal([traj("a", 1.0), traj("a", 1.0), traj("b", 0.0), traj("b", 0.0)])
+    assert has_learning_signal([traj("a", 1.0), traj("a", 0.0)])
