@@ -11,7 +11,7 @@ import difflib
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -23,7 +23,7 @@ C = TypeVar("C", bound="Config")
 class Config(BaseModel):
     """Base of every config section: unknown keys are errors, assignments are validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
 def parse_override(override: str) -> tuple[list[str], Any]:
@@ -107,6 +107,25 @@ def _field_annotation(model: type[BaseModel], path: list[str]) -> str:
         return "a valid value"
     annotation = section.model_fields[path[-1]].annotation
     return getattr(annotation, "__name__", str(annotation))
+
+
+def config_reference(config: BaseModel, prefix: str = "") -> str:
+    """A markdown table of every field of `config` and its sections: key, type, default (its value here), meaning."""
+    rows = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"] if not prefix else []
+    for name, field in type(config).model_fields.items():
+        value = getattr(config, name)
+        if isinstance(value, BaseModel):
+            rows.append(config_reference(value, f"{prefix}{name}."))
+            continue
+        meaning = " ".join((field.description or "").split()).replace("|", "\\|")  # a bare | would end the cell
+        rows.append(f"| `{prefix}{name}` | {_type_name(field.annotation)} | `{json.dumps(value, default=str)}` | {meaning} |")
+    return "\n".join(rows)
+
+
+def _type_name(annotation: Any) -> str:
+    if get_origin(annotation) is Literal:
+        return " \\| ".join(repr(choice) for choice in get_args(annotation))
+    return getattr(annotation, "__name__", str(annotation)).replace("typing.", "").replace("|", "\\|")
 
 
 def _section(model: type[BaseModel], path: list[str]) -> type[BaseModel] | None:
