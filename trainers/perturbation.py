@@ -107,6 +107,7 @@ class LayerPerturbation:
         self.log_sigma = nn.Parameter(torch.full((len(self.names),), math.log(init_sigma), device=device))
         """s_l, one per point: sigma_l = exp(s_l). Float32, on the model's device, trained by the RL loss."""
         self._seed: int | None = None
+        self._sigmas: tuple[Tensor, ...] = ()
         self._generators: dict[torch.device, torch.Generator] = {}
         self._handles: list[RemovableHandle] = []
         for point, index in enumerate(self.layer_indices):
@@ -135,10 +136,12 @@ class LayerPerturbation:
         if seed < 0:
             raise ValueError(f"seed={seed}: noise seeds must be non-negative")
         self._seed = seed
+        self._sigmas = self.log_sigma.exp().unbind()  # one graph node per block; each hook reads its 0-d view
         try:
             yield
         finally:
             self._seed = None
+            self._sigmas = ()
 
     @torch.no_grad()
     def calibrate(self, input_ids: Tensor, attention_mask: Tensor, *, relative_sigma: float) -> Tensor:
@@ -186,7 +189,7 @@ class LayerPerturbation:
             generator = self._generators[hidden.device] = torch.Generator(device=hidden.device)
         generator.manual_seed((self._seed * len(self.names) + point) % 2**63)
         eps = torch.randn(hidden.shape, generator=generator, device=hidden.device, dtype=hidden.dtype)  # (B, T, H)
-        return _AddScaledNoise.apply(hidden, self.log_sigma[point], eps)
+        return _AddScaledNoise.apply(hidden, self._sigmas[point], eps)
 
     def _input_hook(self, point: int) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
@@ -210,23 +213,22 @@ class LayerPerturbation:
 
 
 class _AddScaledNoise(torch.autograd.Function):
-    """h + exp(s) * eps, whose backward computes d/ds = exp(s) * <grad, eps> in one pass.
+    """h + sigma * eps, whose backward gives d/dsigma = <grad, eps> as one dot product.
 
-    The same as the autograd of the plain expression, with fewer full-size temporaries: on a small
-    model these element-wise passes, not the matrix products, are what ALP adds to a step.
+    The same as the autograd of the plain expression with fewer kernels and no full-size temporary:
+    on a small model these element-wise passes, not the matrix products, are what ALP adds to a step.
     """
 
     @staticmethod
-    def forward(ctx: Any, hidden: Tensor, log_sigma: Tensor, eps: Tensor) -> Tensor:
-        sigma = log_sigma.exp()
-        ctx.save_for_backward(sigma, eps)
+    def forward(ctx: Any, hidden: Tensor, sigma: Tensor, eps: Tensor) -> Tensor:
+        ctx.save_for_backward(eps)
         return torch.addcmul(hidden, eps, sigma.to(hidden.dtype))
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
-        sigma, eps = ctx.saved_tensors
-        grad_log_sigma = sigma * torch.dot(grad.reshape(-1).float(), eps.reshape(-1).float())  # float32 sum, even for bf16
-        return grad, grad_log_sigma, None
+        (eps,) = ctx.saved_tensors
+        grad_sigma = torch.dot(grad.reshape(-1).float(), eps.reshape(-1).float())  # float32 sum, even for bf16
+        return grad, grad_sigma, None
 
 
 def _hidden_states(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
