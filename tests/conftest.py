@@ -28,23 +28,46 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def vllm_engine(tiny_model_dir: Path):
-    """A VLLMEngine (AsyncLLM) on the tiny model; usable from any test's `asyncio.run`."""
+    """A VLLMEngine (AsyncLLM) on the tiny model; usable from any test's `asyncio.run`.
+
+    At the end of the session it is closed (twice: close is idempotent), and none of the vLLM
+    processes it started may still run.
+    """
     import asyncio
+
+    import psutil
 
     from alp_agents.engines import VLLMEngine
 
+    def vllm_processes() -> set[psutil.Process]:
+        return {p for p in psutil.Process().children(recursive=True) if p.name().startswith("VLLM")}
+
+    before = vllm_processes()
     engine = asyncio.run(VLLMEngine.start(tiny_model_dir, seed=0))
+    started = vllm_processes() - before
+    assert started, "VLLMEngine runs vLLM's EngineCore and worker in child processes"
     yield engine
     asyncio.run(engine.close())
+    asyncio.run(engine.close())
+    left = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not left, f"VLLMEngine.close() left vLLM processes running: {left}"
 
 
 @pytest.fixture(scope="session")
 def vllm_server(tiny_model_dir: Path):
-    """A local vLLM OpenAI-compatible server on the tiny model (token-in/token-out routes and dev endpoints on)."""
+    """A local vLLM OpenAI-compatible server on the tiny model (token-in/token-out routes and dev endpoints on).
+
+    At the end of the session it is closed, and no process of its process group may still run.
+    """
+    import psutil
+
     from alp_agents.engines import start_vllm_server
 
     with start_vllm_server(tiny_model_dir, startup_timeout_s=300) as server:
+        processes = [psutil.Process(server.process.pid), *psutil.Process(server.process.pid).children(recursive=True)]
         yield server
+    left = [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not left, f"VLLMServer.close() left processes running: {left}"
 
 
 @pytest.fixture(scope="session")

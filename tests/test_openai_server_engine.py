@@ -211,6 +211,7 @@ def test_persistent_faults_exhaust_the_retries(prompts, fault, expected, message
         (httpx.Response(400, json={"error": "bad"}), "answered 400"),
         (httpx.Response(403, text="Forbidden"), "--enable-scale-out"),
         (httpx.Response(200, json={"choices": []}), "without token ids and log-probs"),
+        (httpx.Response(200, text="<html>oops</html>"), "invalid JSON"),
     ],
 )
 def test_client_errors_are_not_retried(prompts, fault, message):

@@ -192,7 +192,7 @@ class OpenAIServerEngine:
                 response = await self._client.post(f"{server.url}{path}", json=payload)
             _raise_for_status(response, path)
             server.consecutive_failures = 0
-            return response.json() if response.content else {}
+            return _json_body(response)
         except EngineUnavailable:
             server.consecutive_failures += 1
             server.down_until = time.monotonic() + self.backoff_s * 2 ** min(server.consecutive_failures, 6)
@@ -226,6 +226,18 @@ def _raise_for_status(response: httpx.Response, path: str) -> None:
     if path in ("/collective_rpc", "/reset_prefix_cache") and response.status_code == 404:
         raise EngineError(f"{what}\nWeight updates need the server's dev endpoints: {START_HINT}")
     raise EngineError(what)
+
+
+def _json_body(response: httpx.Response) -> dict[str, Any]:
+    if not response.content:
+        return {}
+    try:
+        body = response.json()
+    except ValueError as error:
+        raise EngineError(f"POST {response.request.url} answered with invalid JSON ({error}): {response.text[:500]}") from error
+    if not isinstance(body, dict):
+        raise EngineError(f"POST {response.request.url} answered {str(body)[:500]}; expected a JSON object")
+    return body
 
 
 def _generation(body: dict[str, Any], api: ServerApi, url: str, version: int) -> Generation:

@@ -50,6 +50,7 @@ class VLLMEngine:
         self._thread = thread
         self._gate = WeightVersionGate(version)
         self._request_ids = itertools.count()
+        self._closed = False
         self.request_timeout_s = request_timeout_s
         """Deadline of one generate call in seconds (None: no deadline); past it the request is aborted."""
         self.weights_dir = weights_dir
@@ -106,8 +107,9 @@ class VLLMEngine:
 
     async def close(self) -> None:
         """Shut vLLM down (its EngineCore and worker processes exit) and stop the engine thread; idempotent."""
-        if self._llm is None:
+        if self._closed:
             return
+        self._closed = True
         await self._thread.run(self._shutdown())
         self._thread.stop()
 
@@ -125,33 +127,34 @@ class VLLMEngine:
         from vllm.inputs import TokensPrompt
 
         request_id = f"alp-{next(self._request_ids)}"
-        async with self._gate.generation() as version, self._engine(f"request {request_id}") as llm:
+        async with self._gate.generation() as version, self._engine(f"request {request_id}", self.request_timeout_s) as llm:
             (engine_input,) = await llm.renderer.render_cmpl_async([TokensPrompt(prompt_token_ids=prompt_token_ids)])
             async for output in llm.generate(engine_input, _sampling_params(sampling), request_id):
                 final = output  # FINAL_ONLY: one output, when the request is done
         return _generation(final.outputs[0], version)
 
     async def _load_weights(self, path: str, version: int) -> None:
-        async with self._gate.update(version), self._engine(f"weight update to version {version}") as llm:
+        # No deadline: a load interrupted half-way would leave the model half-replaced.
+        async with self._gate.update(version), self._engine(f"weight update to version {version}", None) as llm:
             raise_for_load_reports(await llm.collective_rpc(LOAD_METHOD, args=(path,)), "the vLLM worker")
             if not await llm.reset_prefix_cache():  # cached KV blocks were computed by the old weights
                 raise EngineError("vLLM loaded the new weights but could not reset its prefix cache")
 
     async def _shutdown(self) -> None:
         llm, self._llm = self._llm, None
-        assert llm is not None
+        assert llm is not None  # close() runs this once
         llm.shutdown()
         del llm
         gc.collect()  # AsyncLLM.__del__ would otherwise run after the loop is gone and print a TypeError
         multiprocessing.active_children()  # reap the engine processes vLLM had to kill (no zombies left)
 
     @asynccontextmanager
-    async def _engine(self, what: str) -> AsyncIterator[AsyncLLM]:
-        """The live AsyncLLM under the request deadline, with vLLM's errors mapped to ours."""
+    async def _engine(self, what: str, timeout_s: float | None) -> AsyncIterator[AsyncLLM]:
+        """The live AsyncLLM under a deadline (None: none), with vLLM's errors mapped to ours."""
         if self._llm is None:
             raise EngineUnavailable(f"{what}: {self._thread.name} is closed; start a new one with `await VLLMEngine.start(...)`")
-        with map_vllm_exceptions(what, self.request_timeout_s):
-            async with asyncio.timeout(self.request_timeout_s):
+        with map_vllm_exceptions(what, timeout_s):
+            async with asyncio.timeout(timeout_s):
                 yield self._llm
 
 

@@ -9,7 +9,9 @@ or a directory every server can read), and asks each vLLM worker to load it with
 On CPU, vLLM repacks every linear layer's weight for oneDNN after loading, so the only working
 entry point is the worker's own `reload_weights`, which reloads layer by layer and repacks. It
 does not repack a tied `lm_head` (logits would keep the old embedding), so the extension repacks
-it after each load. Names are Hugging Face checkpoint names (`model.layers.0.mlp.up_proj.weight`).
+it after each load. The file must hold the full state dict with Hugging Face checkpoint names
+(`model.layers.0.mlp.up_proj.weight`); the extension checks it against the model's checkpoint and
+refuses one that does not fit, leaving the running model untouched.
 """
 
 from __future__ import annotations
@@ -94,11 +96,12 @@ def _mismatch(weights: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[
 
 
 def raise_for_load_reports(reports: list[Any], where: str) -> None:
-    """Raise ModelError if any worker refused the weights (reports are load_weights_from_file's answers)."""
+    """Raise ModelError unless every worker's answer to load_weights_from_file says it loaded the weights."""
     for report in reports:
-        if not isinstance(report, dict) or "loaded" not in report:
-            detail = report.get("error") if isinstance(report, dict) else repr(report)
-            raise ModelError(f"{where} refused the new weights and kept the old ones: {detail}")
+        if isinstance(report, dict) and "error" in report:
+            raise ModelError(f"{where} refused the new weights (its model is unchanged): {report['error']}")
+        if not (isinstance(report, dict) and "loaded" in report):
+            raise ModelError(f"{where} answered {report!r} instead of a weight-load report")
 
 
 def default_weights_dir() -> Path:
