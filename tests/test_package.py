@@ -32,3 +32,26 @@ def test_errors_form_one_tree():
         if isinstance(obj, type) and issubclass(obj, Exception):
             assert issubclass(obj, alp_agents.AlpError), name
     assert issubclass(alp_agents.EngineTimeout, alp_agents.EngineError)
+
+
+def test_readme_config_reference_matches_the_code():
+    from pathlib import Path
+
+    from alp_agents.config import config_reference
+    from alp_agents.trainers.run_config import TrainConfig
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    documented = readme.split("<!-- config-reference:start -->\n")[1].split("\n<!-- config-reference:end -->")[0]
+    assert documented == config_reference(TrainConfig()), "regenerate the README table with config_reference(TrainConfig())"
+
+
+def test_readme_shows_the_tested_environment_examples():
+    import re
+    from pathlib import Path
+
+    tests = Path(__file__).parent
+    readme = (tests.parent / "README.md").read_text(encoding="utf-8")
+    examples = re.findall(r"# --- README: [^\n]*\n(.*?)# --- end of README", (tests / "test_custom_env_example.py").read_text(), re.S)
+    assert len(examples) == 2
+    for example in examples:
+        assert example.rstrip() in readme
