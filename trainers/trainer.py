@@ -316,7 +316,8 @@ def build_optimizer(model: nn.Module, perturbation: LayerPerturbation | None, cf
     groups = [group for group in groups if group["params"]]
     for group in groups:
         logger.info("optimizer group %s: %d tensors, %d parameters", group["name"], len(group["params"]), sum(p.numel() for p in group["params"]))
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+    fused = all(p.is_cuda for group in groups for p in group["params"])  # one kernel per group on a GPU (as nanoGPT)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
 
 
 def noise_seed(*parts: int) -> int:
