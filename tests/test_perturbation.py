@@ -195,3 +195,9 @@ def test_calibrate_sets_sigma_relative_to_each_input_rms(qwen2):
     rms = perturbation.calibrate(input_ids, attention_mask, relative_sigma=0.01)
     torch.testing.assert_close(rms, expected)
     torch.testing.assert_close(perturbation.sigmas(), 0.01 * expected)
+    perturbation.remove()
+    final = []
+    handle = find_decoder_layers(qwen2)[-1].register_forward_hook(lambda module, args, output: final.append(output))
+    logits_rms = LayerPerturbation(qwen2, layers="logits").calibrate(input_ids, attention_mask, relative_sigma=0.01)
+    handle.remove()
+    torch.testing.assert_close(logits_rms, final[0][real].pow(2).mean().sqrt()[None])

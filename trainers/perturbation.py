@@ -150,27 +150,30 @@ class LayerPerturbation:
         RMS(h_l) is the root mean square over real tokens and hidden units of the hidden state the
         point perturbs (a layer's input, or the last layer's output for `logits`), without noise.
         """
-        captured: list[Tensor] = [torch.zeros(()) for _ in self.names]
+        rms = torch.zeros(len(self.names), device=self.log_sigma.device)
         real = attention_mask.bool()
 
-        def capture(point: int, hidden: Tensor) -> None:
-            captured[point] = hidden[real].float().pow(2).mean().sqrt()
+        def record(point: int, hidden: Tensor) -> None:
+            rms[point] = hidden[real].float().pow(2).mean().sqrt()
 
-        decoder_layers = find_decoder_layers(self.model)
-        handles = []
-        for point, index in enumerate(self.layer_indices):
-            if self.on_logits:
-                hook: Any = lambda module, args, output, point=point: capture(point, _first_tensor(output))
-                handles.append(decoder_layers[index].register_forward_hook(hook))
-            else:
-                hook = lambda module, args, kwargs, point=point: capture(point, _hidden_states(module, args, kwargs))
-                handles.append(decoder_layers[index].register_forward_pre_hook(hook, with_kwargs=True))
+        def on_input(point: int) -> Any:  # pre-hook of a decoder layer
+            return lambda module, args, kwargs: record(point, _hidden_states(module, args, kwargs))
+
+        def on_output(point: int) -> Any:  # forward hook of the last decoder layer (`logits`)
+            return lambda module, args, output: record(point, _first_tensor(output))
+
+        layers = find_decoder_layers(self.model)
+        handles = [
+            layers[index].register_forward_hook(on_output(point))
+            if self.on_logits
+            else layers[index].register_forward_pre_hook(on_input(point), with_kwargs=True)
+            for point, index in enumerate(self.layer_indices)
+        ]
         try:
             self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         finally:
             for handle in handles:
                 handle.remove()
-        rms = torch.stack(captured).to(self.log_sigma.device)
         self.log_sigma.copy_((relative_sigma * rms).log())
         return rms
 

@@ -200,7 +200,8 @@ class ALPTrainer:
         metrics.update(loss_metrics(diagnostics))
         metrics.update(mismatch_metrics(torch.cat(train_side), torch.cat(infer_side)))
         metrics.update(advantage_metrics(group_advantages))
-        metrics["entropy/mean"] = float(torch.cat(entropies).double().mean()) if sum(e.numel() for e in entropies) else float("nan")
+        entropy_values = torch.cat(entropies)
+        metrics["entropy/mean"] = float(entropy_values.double().mean()) if entropy_values.numel() else math.nan
         metrics["grad/policy_norm"] = _mean(grad_norms["policy"])
         metrics["grad/policy_norm_max"] = max(grad_norms["policy"])
         if self.perturbation is not None:
