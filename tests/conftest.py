@@ -26,6 +26,14 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # Each takes 20-60 s to start on a CPU, so tests share them; a test that changes the weights restores them.
 
 
+def survivors(processes, grace_s: float = 20.0) -> list:
+    """The processes still alive `grace_s` after they were told to stop (vLLM kills its workers asynchronously)."""
+    import psutil
+
+    _, alive = psutil.wait_procs(list(processes), timeout=grace_s)
+    return [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
 @pytest.fixture(scope="session")
 def vllm_engine(tiny_model_dir: Path):
     """A VLLMEngine (AsyncLLM) on the tiny model; usable from any test's `asyncio.run`.
@@ -49,7 +57,7 @@ def vllm_engine(tiny_model_dir: Path):
     yield engine
     asyncio.run(engine.close())
     asyncio.run(engine.close())
-    left = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    left = survivors(started)
     assert not left, f"VLLMEngine.close() left vLLM processes running: {left}"
 
 
@@ -66,7 +74,7 @@ def vllm_server(tiny_model_dir: Path):
     with start_vllm_server(tiny_model_dir, startup_timeout_s=300) as server:
         processes = [psutil.Process(server.process.pid), *psutil.Process(server.process.pid).children(recursive=True)]
         yield server
-    left = [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    left = survivors(processes)
     assert not left, f"VLLMServer.close() left processes running: {left}"
 
 

@@ -22,6 +22,7 @@ from alp_agents.engines import SamplingConfig
 from alp_agents.trajectory import Trajectory
 from alp_agents.trainers.loop import has_learning_signal, tasks_for_iteration, train
 from alp_agents.trainers.run_config import TrainConfig
+from conftest import survivors
 
 TESTS = Path(__file__).parent
 
@@ -90,8 +91,6 @@ def descendants(process: subprocess.Popen) -> list[psutil.Process]:
     return psutil.Process(process.pid).children(recursive=True)
 
 
-def still_running(processes: list[psutil.Process]) -> list[psutil.Process]:
-    return [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +166,7 @@ def test_ctrl_c_saves_a_checkpoint_and_leaves_no_processes(reference_run, tmp_pa
     assert "interrupted: saving a checkpoint" in output
     state = json.loads((run_dir / "checkpoint" / "loop.json").read_text())
     assert 1 <= state["iteration"] < 50 and state["policy_version"] == state["iteration"]
-    assert still_running(started) == []
+    assert survivors(started) == []
 
 
 def test_task_order_is_a_pure_function_of_the_iteration():
