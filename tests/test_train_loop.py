@@ -183,3 +183,30 @@ def test_a_batch_without_learning_signal_is_recognised():
 
     assert not has_learning_signal([traj("a", 1.0), traj("a", 1.0), traj("b", 0.0), traj("b", 0.0)])
     assert has_learning_signal([traj("a", 1.0), traj("a", 0.0)])
+
+
+def test_training_with_rollouts_on_a_vllm_server(vllm_server, tiny_model_dir, tiny_weights, hf_logprobs, tmp_path):
+    from alp_agents import jobs
+    from alp_agents.engines import OpenAIServerEngine
+
+    sys.path.insert(0, str(TESTS))
+    cfg_path = tmp_path / "run.toml"
+    cfg_path.write_text(config_toml(tiny_model_dir, iterations=2, checkpoint_every=0))
+    cfg = load_config(TrainConfig, cfg_path, [f'engine.servers=["{vllm_server.url}"]'])
+    train_tasks, eval_tasks = jobs.load_tasks(cfg.data)
+    rows = train(cfg, tmp_path / "run", env_factory=jobs.env_factory(cfg.env), model_dir=tiny_model_dir, train_tasks=train_tasks,
+                 eval_tasks=eval_tasks, progress=False)
+    assert [r["iteration"] for r in rows] == [0, 1, 2] and rows[-1]["rollout/failure_rate"] == 0.0
+    # The server now samples from the trained policy.
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "checkpoint" / "model", dtype=torch.float32)
+    prompt = AutoTokenizer.from_pretrained(tiny_model_dir).encode("Ben has 3 coins.")
+
+    async def sample_and_restore():
+        async with OpenAIServerEngine(vllm_server.url) as engine:
+            generation = await engine.generate(prompt, SamplingConfig(max_tokens=8, seed=2))
+            await engine.update_weights(tiny_weights, engine.policy_version + 1)
+            return generation
+
+    generation = asyncio.run(sample_and_restore())
+    trained = hf_logprobs(prompt, generation.token_ids, weights={n: p.detach() for n, p in model.named_parameters()})
+    assert max(abs(a - b) for a, b in zip(trained, generation.logprobs)) < 1e-4
