@@ -55,3 +55,18 @@ def test_readme_shows_the_tested_environment_examples():
     assert len(examples) == 2
     for example in examples:
         assert example.rstrip() in readme
+
+
+def test_readme_run_configs_load():
+    import re
+    import tomllib
+    from pathlib import Path
+
+    from alp_agents.config import load_config_data
+    from alp_agents.trainers.run_config import TrainConfig
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```toml\n(.*?)```", readme, re.S)
+    assert len(blocks) >= 2
+    for block in blocks:
+        load_config_data(TrainConfig, tomllib.loads(block), where="a README example")
