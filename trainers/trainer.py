@@ -32,6 +32,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, ValidationInfo, field_validator
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from alp_agents.config import Config
 from alp_agents.errors import ConfigError, TrajectoryError
@@ -170,6 +171,9 @@ class ALPTrainer:
         skipped_before = self.num_skipped_updates
         for u, update in enumerate(micro):
             units = sum(loss_units(mb.loss_mask, cfg.loss.aggregation) for mb in update)
+            # Data parallel (torchrun + FSDP2): the loss is the mean over every rank's units and FSDP averages the
+            # ranks' gradients, so this rank's gradient weighs its part of the global units (1.0 in one process).
+            grad_scale = units * _world_size() / max(_sum_over_ranks(units, self._device), 1)
             for m, mb in enumerate(update):
                 share = loss_units(mb.loss_mask, cfg.loss.aggregation) / max(units, 1)
                 behavior = old[u][m] if old is not None else mb.infer_logprobs
@@ -183,7 +187,7 @@ class ALPTrainer:
                     pg_loss, diag = policy_loss(logprobs, behavior, advantages[plan[u][m]], mb.loss_mask, cfg.loss, weights=weights)
                     kl_loss = aggregate(k3_kl(logprobs, ref[u][m]), mb.loss_mask, cfg.loss.aggregation) if ref is not None else pg_loss.new_zeros(())
                     loss = pg_loss + cfg.kl_coef * kl_loss
-                    (loss * share).backward()
+                    (loss * (share * grad_scale)).backward()
 
                 diagnostics.append(diag)
                 entropies.append(entropy[mb.loss_mask])
@@ -232,7 +236,7 @@ class ALPTrainer:
         policy = [p for p in self.model.parameters() if p.grad is not None]
         norms = torch.zeros(2, device=self._device)  # (policy, sigma) gradient norms before clipping
         if policy:
-            norms[0] = torch.nn.utils.clip_grad_norm_(policy, self.cfg.grad_clip)
+            norms[0] = _full(torch.nn.utils.clip_grad_norm_(policy, self.cfg.grad_clip))
         if self.perturbation is not None and self.perturbation.log_sigma.grad is not None:
             norms[1] = torch.nn.utils.clip_grad_norm_([self.perturbation.log_sigma], self.cfg.grad_clip)
         policy_norm, sigma_norm = norms.tolist()  # one device sync for both
@@ -330,6 +334,25 @@ def noise_seed(*parts: int) -> int:
 def _rank() -> int:
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     return torch.distributed.get_rank() if distributed else 0
+
+
+def _world_size() -> int:
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return torch.distributed.get_world_size() if distributed else 1
+
+
+def _sum_over_ranks(value: int, device: torch.device) -> int:
+    """`value` summed over the ranks of the default process group (`value` itself in a single process)."""
+    if _world_size() == 1:
+        return value
+    total = torch.tensor(value, dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(total)
+    return int(total)
+
+
+def _full(norm: Tensor) -> Tensor:
+    """A gradient norm as a plain tensor: over FSDP2's sharded gradients it is a DTensor holding the global norm."""
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
 def _mean(values: list[float]) -> float:
