@@ -6,12 +6,12 @@
     rollout does happens: chat-template rendering and tokenisation of the prompt and of every tool
     result, decoding of each turn, tool-call parsing, the real calculator, answer grading, the
     progress bar and the pydantic Trajectory records.
-(a) raw: the same engine's `generate`, replaying exactly the requests the loop made: for each
-    episode, turn after turn, the context the loop sent (its token ids) with `max_tokens` set to the
-    number of tokens the loop sampled there (`ignore_eos`, no stop tokens, so the count is exact);
-    episodes run under the same concurrency limit. The raw path therefore samples the same tokens
-    count from the same prompt lengths, in the same per-episode order, with the same batch sizes;
-    only the loop's own work between engine calls is missing. ratio = loop tok/s / raw tok/s.
+(a) raw: the same engine's `generate`, replaying exactly the requests (b) made: for each episode,
+    turn after turn, the context (b) sent (its token ids) with `max_tokens` set to the number of
+    tokens (b) sampled there (`ignore_eos`, no stop tokens, so the count is exact); episodes run
+    under the same concurrency limit. The raw path therefore samples as many tokens from the same
+    prompt lengths, in the same per-episode order, with the same batch sizes; only the loop's own
+    work between engine calls is missing. ratio = (b) tok/s / (a) tok/s.
 
 Two choices make the episodes multi-turn on an untrained model, whose text has no tool calls (a
 ToolEnv episode would end at the first, void, turn) and which almost never ends its turn:
@@ -22,6 +22,8 @@ ToolEnv episode would end at the first, void, turn) and which almost never ends 
   MEAN_TURN_TOKENS of the tokens it samples after an opening prompt (counted once, before the
   rounds). Turns so have natural, varied lengths; later turns run longer, and the JSON reports the
   real turn count and length. A turn that reaches TURN_TOKEN_LIMIT ends its episode (finish_reason 'max_tokens').
+Fixing every turn's length in the loop instead (`ignore_eos` with `max_tokens`) would not do: the
+loop ends an episode at a turn cut by its token limit, so every episode would be a single turn.
 
 Prefix caching is left on: within an episode the loop's later turns hit the cache for the blocks
 of its earlier turns; the raw replay hits the same blocks, cached when the loop computed them, so
@@ -183,7 +185,7 @@ async def benchmark(model_dir: Path, args: argparse.Namespace) -> dict[str, obje
     loop_tok_s, raw_tok_s = total["tokens"] / total["loop_s"], total["tokens"] / total["raw_s"]
     return {
         "model": args.size,
-        "episodes": args.tasks * args.group_size,
+        "episodes_per_round": args.tasks * args.group_size,
         "concurrency": args.concurrency,
         "rounds": args.rounds,
         "turns_per_episode": round(total["turns"] / (args.tasks * args.group_size * args.rounds), 2),
