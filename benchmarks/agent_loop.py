@@ -21,7 +21,8 @@ ToolEnv episode would end at the first, void, turn) and which almost never ends 
 - Turns stop at the model's most frequent tokens: the fewest of them that make up one in
   MEAN_TURN_TOKENS of the tokens it samples after an opening prompt (counted once, before the
   rounds). Turns so have natural, varied lengths; later turns run longer, and the JSON reports the
-  real turn count and length. A turn that reaches TURN_TOKEN_LIMIT ends its episode (finish_reason 'max_tokens').
+  real turn count and length. A turn that reaches TURN_TOKEN_LIMIT ends its episode
+  (finish_reason 'max_tokens').
 Fixing every turn's length in the loop instead (`ignore_eos` with `max_tokens`) would not do: the
 loop ends an episode at a turn cut by its token limit, so every episode would be a single turn.
 
@@ -30,9 +31,9 @@ of its earlier turns; the raw replay hits the same blocks, cached when the loop 
 both paths prefill the same number of tokens. Each round plays fresh tasks through the loop first
 and its replay right after (a burn-in round is discarded). Figures are totals over the rounds;
 each round's ratio is listed too, since load from other work on the machine moves single rounds
-by tens of percent. `*_cpu_ms_per_token` is this process's CPU time (the engine's EngineCore
-process excluded) per sampled token: the loop's own work, which load hardly changes. The last
-line printed is one JSON object.
+by tens of percent. `*_cpu_ms_per_token` is this process's CPU time per sampled token (vLLM's
+EngineCore process excluded): their difference is the loop's own work, which load from other
+programs moves far less than wall time. The last line printed is one JSON object.
 
     .venv/bin/python benchmarks/agent_loop.py [--size small] [--tasks 8] [--group-size 4] [--turns 3] [--rounds 8]
 """
