@@ -121,24 +121,38 @@ def requests_of(trajectory: Trajectory) -> list[Request]:
 
 
 async def run_loop(
-    engine: InferenceEngine, tokenizer: PreTrainedTokenizerBase, tasks: list[Task], stops: list[int], args: argparse.Namespace
+    engine: InferenceEngine,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: list[Task],
+    stops: list[int],
+    args: argparse.Namespace,
 ) -> list[Trajectory]:
     """(b): play `args.group_size` episodes of every task through the agent loop."""
     return await collect(
-        lambda: ScriptedToolEnv(max_turns=args.turns), tasks, engine, tokenizer,
-        sampling=SamplingConfig(temperature=1.0, stop_token_ids=stops), group_size=args.group_size,
-        limits=RolloutLimits(max_turns=args.turns, max_tokens_per_turn=TURN_TOKEN_LIMIT), max_concurrency=args.concurrency,
-    )  # fmt: skip
+        lambda: ScriptedToolEnv(max_turns=args.turns),
+        tasks,
+        engine,
+        tokenizer,
+        sampling=SamplingConfig(temperature=1.0, stop_token_ids=stops),
+        group_size=args.group_size,
+        limits=RolloutLimits(max_turns=args.turns, max_tokens_per_turn=TURN_TOKEN_LIMIT),
+        max_concurrency=args.concurrency,
+    )
 
 
 async def run_raw(engine: InferenceEngine, episodes: list[list[Request]], concurrency: int) -> int:
-    """(a): replay every episode's requests, turn after turn, `concurrency` episodes at once; returns the tokens sampled."""
+    """(a): replay every episode's requests, turn after turn, `concurrency` episodes at once.
+
+    Each call asks for exactly as many tokens as the loop sampled there (no stop, no end-of-sequence
+    token); returns the number of tokens sampled.
+    """
     slots = asyncio.Semaphore(concurrency)
 
     async def episode(requests: list[Request]) -> int:
         async with slots:
             for context, count in requests:
-                generation = await engine.generate(context, SamplingConfig(temperature=1.0, max_tokens=count, ignore_eos=True))
+                sampling = SamplingConfig(temperature=1.0, max_tokens=count, ignore_eos=True)
+                generation = await engine.generate(context, sampling)
                 assert len(generation.token_ids) == count, f"asked for {count} tokens, got {len(generation.token_ids)}"
         return sum(count for _, count in requests)
 
@@ -146,7 +160,11 @@ async def run_raw(engine: InferenceEngine, episodes: list[list[Request]], concur
 
 
 async def play_round(
-    engine: InferenceEngine, tokenizer: PreTrainedTokenizerBase, tasks: list[Task], stops: list[int], args: argparse.Namespace
+    engine: InferenceEngine,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: list[Task],
+    stops: list[int],
+    args: argparse.Namespace,
 ) -> dict[str, float]:
     """The loop on `tasks`, then the raw replay of its requests: wall and CPU seconds (this process) of each."""
     wall, cpu = time.perf_counter(), time.process_time()
@@ -157,13 +175,20 @@ async def play_round(
     tokens = await run_raw(engine, episodes, args.concurrency)
     raw_s, raw_cpu_s = time.perf_counter() - wall, time.process_time() - cpu
     assert tokens == sum(t.num_sampled_tokens for t in trajectories), "the replay must sample what the loop sampled"
-    return dict(
-        tokens=tokens, turns=sum(map(len, episodes)), failed=sum(t.finish_reason == "error" for t in trajectories),
-        loop_s=loop_s, raw_s=raw_s, loop_cpu_s=loop_cpu_s, raw_cpu_s=raw_cpu_s, load=os.getloadavg()[0],
-    )  # fmt: skip
+    return {
+        "tokens": tokens,
+        "turns": sum(map(len, episodes)),
+        "failed": sum(t.finish_reason == "error" for t in trajectories),
+        "loop_s": loop_s,
+        "raw_s": raw_s,
+        "loop_cpu_s": loop_cpu_s,
+        "raw_cpu_s": raw_cpu_s,
+        "load": os.getloadavg()[0],
+    }
 
 
 async def benchmark(model_dir: Path, args: argparse.Namespace) -> dict[str, object]:
+    """Start vLLM on `model_dir`, play the burn-in and measured rounds, and return the figures."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     engine = await VLLMEngine.start(model_dir, seed=0)
     try:
@@ -171,12 +196,13 @@ async def benchmark(model_dir: Path, args: argparse.Namespace) -> dict[str, obje
         rounds = []
         for seed in range(args.rounds + 1):  # fresh tasks every round; round 0 is the burn-in
             figures = await play_round(engine, tokenizer, arithmetic_tasks(args.tasks, seed=seed), stops, args)
+            tokens, name = figures["tokens"], f"round {seed}{' (burn-in)' if seed == 0 else ''}"
             print(
-                f"round {seed}{' (burn-in)' if seed == 0 else ''}: {figures['tokens']} tokens in {figures['turns']} turns; "
-                f"loop {figures['tokens'] / figures['loop_s']:.0f} tok/s, raw {figures['tokens'] / figures['raw_s']:.0f} tok/s; "
-                f"load {figures['load']:.1f}",
-                file=sys.stderr, flush=True,
-            )  # fmt: skip
+                f"{name}: {tokens} tokens in {figures['turns']} turns; loop {tokens / figures['loop_s']:.0f} tok/s, "
+                f"raw {tokens / figures['raw_s']:.0f} tok/s; load {figures['load']:.1f}",
+                file=sys.stderr,
+                flush=True,
+            )
             rounds.append(figures)
     finally:
         await engine.close()
