@@ -85,6 +85,8 @@ def load_config_data(model: type[C], data: dict[str, Any], *, where: str | None 
 
 def _describe(model: type[BaseModel], error: Any) -> str:
     loc = [str(part) for part in error["loc"]]
+    if not loc:  # a rule across fields (a model validator): its message names them
+        return error["msg"].removeprefix("Value error, ")
     dotted = ".".join(loc)
     if error["type"] == "extra_forbidden":
         valid = _field_names(model, loc[:-1])

@@ -47,3 +47,11 @@ def test_malformed_override_and_missing_file(tmp_path):
         load_config(Run, tmp_path / "missing.toml")
     with pytest.raises(ConfigError, match="is a value, not a section"):
         load_config(Run, overrides=["name=x", "name.inner=1"])
+
+
+def test_a_rule_across_sections_is_reported_by_its_message():
+    from alp_agents.trainers.run_config import TrainConfig
+
+    assert load_config(TrainConfig, overrides=["rollout.sampling.temperature=0.7"]).trainer.temperature == 0.7
+    with pytest.raises(ConfigError, match=r"trainer\.temperature=1\.0 differs from rollout\.sampling\.temperature=0\.7"):
+        load_config(TrainConfig, overrides=["rollout.sampling.temperature=0.7", "trainer.temperature=1.0"])

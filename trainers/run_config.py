@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from alp_agents.config import Config
 from alp_agents.engines.base import SamplingConfig
@@ -101,3 +101,15 @@ class TrainConfig(Config):
     trainer: TrainerConfig = Field(default_factory=lambda: TrainerConfig(lr=1e-5))
     """The update: algorithm (alp | bypass | grpo | tis | mis | gspo), loss, optimizer, batching."""
     schedule: ScheduleSection = Field(default_factory=ScheduleSection)
+
+    @model_validator(mode="after")
+    def _score_at_the_sampling_temperature(self) -> TrainConfig:
+        """The trainer's log-probs must be those of the distribution the rollouts were sampled from."""
+        sampled = self.rollout.sampling.temperature
+        if sampled <= 0:
+            raise ValueError("rollout.sampling.temperature must be > 0 for training (greedy rollouts have no log-probs to learn from)")
+        if "temperature" in self.trainer.model_fields_set and self.trainer.temperature != sampled:
+            raise ValueError(f"trainer.temperature={self.trainer.temperature} differs from rollout.sampling.temperature={sampled}; "
+                             "leave trainer.temperature unset, it follows the sampling temperature")
+        self.trainer.temperature = sampled
+        return self
