@@ -9,17 +9,15 @@ and RL put loss on the same tokens, and tool results never carry loss in either.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import PreTrainedTokenizerBase
 
 from alp_agents.chat import continuation_token_ids, prompt_token_ids
-from alp_agents.errors import TrajectoryError
-from alp_agents.trajectory import Message
+from alp_agents.trajectory import Message, read_jsonl, write_jsonl
 
 
 class Demonstration(BaseModel):
@@ -72,24 +70,9 @@ def tokenize_demonstration(tokenizer: PreTrainedTokenizerBase, demo: Demonstrati
 
 def write_demonstrations(path: str | Path, demos: Iterable[Demonstration]) -> Path:
     """Write demonstrations as JSON Lines and return the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for demo in demos:
-            f.write(demo.model_dump_json(exclude_defaults=False) + "\n")
-    return path
+    return write_jsonl(path, demos)
 
 
 def read_demonstrations(path: str | Path) -> list[Demonstration]:
     """Read a JSON Lines demonstration file; a malformed line fails naming its line number."""
-    path = Path(path)
-    demos = []
-    with path.open(encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                demos.append(Demonstration.model_validate(json.loads(line)))
-            except (json.JSONDecodeError, ValidationError) as e:
-                raise TrajectoryError(f"{path}:{line_number}: not a valid demonstration: {e}") from e
-    return demos
+    return read_jsonl(path, Demonstration, what="demonstration")

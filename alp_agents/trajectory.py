@@ -12,13 +12,14 @@ import json
 import math
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from alp_agents.errors import TrajectoryError
 
 Role = Literal["system", "user", "assistant", "tool"]
+M = TypeVar("M", bound=BaseModel)
 
 
 class ToolCall(BaseModel):
@@ -159,26 +160,36 @@ class Trajectory(BaseModel):
         return sum(self.loss_mask)
 
 
-def write_trajectories(path: str | Path, trajectories: Iterable[Trajectory]) -> Path:
-    """Write trajectories to `path` as JSON Lines (one episode per line) and return the path."""
+def write_jsonl(path: str | Path, records: Iterable[BaseModel]) -> Path:
+    """Write pydantic records to `path` as JSON Lines (one per line) and return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
-        for trajectory in trajectories:
-            f.write(trajectory.model_dump_json() + "\n")
+        for record in records:
+            f.write(record.model_dump_json() + "\n")
     return path
 
 
-def read_trajectories(path: str | Path) -> list[Trajectory]:
-    """Read a JSON Lines trajectory file; a malformed line raises TrajectoryError naming its line number."""
+def read_jsonl(path: str | Path, model: type[M], *, what: str) -> list[M]:
+    """Read a JSON Lines file of `model` records; a malformed line raises TrajectoryError naming its line number."""
     path = Path(path)
-    trajectories = []
+    records = []
     with path.open(encoding="utf-8") as f:
         for line_number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                trajectories.append(Trajectory.model_validate(json.loads(line)))
+                records.append(model.model_validate(json.loads(line)))
             except (json.JSONDecodeError, ValidationError) as e:
-                raise TrajectoryError(f"{path}:{line_number}: not a valid trajectory: {e}") from e
-    return trajectories
+                raise TrajectoryError(f"{path}:{line_number}: not a valid {what}: {e}") from e
+    return records
+
+
+def write_trajectories(path: str | Path, trajectories: Iterable[Trajectory]) -> Path:
+    """Write trajectories to `path` as JSON Lines (one episode per line) and return the path."""
+    return write_jsonl(path, trajectories)
+
+
+def read_trajectories(path: str | Path) -> list[Trajectory]:
+    """Read a JSON Lines trajectory file; a malformed line raises TrajectoryError naming its line number."""
+    return read_jsonl(path, Trajectory, what="trajectory")
