@@ -130,6 +130,21 @@ def checked_prompt(prompt_token_ids: list[int]) -> list[int]:
     return prompt
 
 
+class ClosesOnExit:
+    """`async with engine:` closes the engine on the way out; every engine derives from it."""
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+
 class WeightVersionGate:
     """Keeps generations and weight updates apart, so every generation has exactly one weights version.
 

@@ -32,17 +32,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Self
+from typing import Any, Literal
 
 import httpx
 
-from alp_agents.engines.base import EngineThread, Generation, NamedTensors, SamplingConfig, WeightVersionGate, checked_prompt
+from alp_agents.engines.base import ClosesOnExit, EngineThread, Generation, NamedTensors, SamplingConfig, WeightVersionGate, checked_prompt
 from alp_agents.engines.vllm_setup import sampling_arguments
 from alp_agents.engines.weight_sync import LOAD_METHOD, raise_for_load_reports, weights_file
 from alp_agents.errors import ConfigError, EngineError, EngineTimeout, EngineUnavailable
-
-if TYPE_CHECKING:
-    from types import TracebackType
 
 ServerApi = Literal["generate", "completions"]
 
@@ -63,7 +60,7 @@ class _Server:
     down_until: float = 0.0  # time.monotonic() before which the server is only used if every server is down
 
 
-class OpenAIServerEngine:
+class OpenAIServerEngine(ClosesOnExit):
     """Generation on one or more vLLM servers over HTTP (see the module docstring for routes and retries)."""
 
     def __init__(
@@ -130,14 +127,6 @@ class OpenAIServerEngine:
             return
         await self._thread.run(self._client.aclose())
         self._thread.stop()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
 
     # Everything below runs on the engine thread's loop.
 

@@ -27,20 +27,18 @@ from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
-from alp_agents.engines.base import EngineThread, Generation, NamedTensors, SamplingConfig, WeightVersionGate, checked_prompt
+from alp_agents.engines.base import ClosesOnExit, EngineThread, Generation, NamedTensors, SamplingConfig, WeightVersionGate, checked_prompt
 from alp_agents.engines.vllm_setup import configure_vllm_environment, engine_arguments, sampling_arguments
 from alp_agents.engines.weight_sync import LOAD_METHOD, raise_for_load_reports, weights_file
 from alp_agents.errors import EngineError, EngineTimeout, EngineUnavailable, ModelError
 
 if TYPE_CHECKING:
-    from types import TracebackType
-
     from vllm import SamplingParams
     from vllm.outputs import CompletionOutput
     from vllm.v1.engine.async_llm import AsyncLLM
 
 
-class VLLMEngine:
+class VLLMEngine(ClosesOnExit):
     """An in-process vLLM engine (AsyncLLM) serving token-id prompts; start it with `await VLLMEngine.start(...)`."""
 
     def __init__(
@@ -112,14 +110,6 @@ class VLLMEngine:
         self._closed = True
         await self._thread.run(self._shutdown())
         self._thread.stop()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
 
     # Everything below runs on the engine thread's loop.
 
