@@ -9,6 +9,7 @@ the difference, so it works for any append-only chat template (ChatML, Llama 3, 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
@@ -23,7 +24,7 @@ _ANCHOR = [Message(role="user", content="."), Message(role="assistant", content=
 def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, messages: list[Message], tools: list[dict[str, Any]] | None = None) -> list[int]:
     """Token ids of the opening prompt, ending with the template's generation prompt."""
     text = render(tokenizer, messages, tools=tools, add_generation_prompt=True)
-    return tokenizer.encode(text, add_special_tokens=False)
+    return list(_encode(tokenizer, text))
 
 
 def continuation_token_ids(tokenizer: PreTrainedTokenizerBase, new_messages: list[Message]) -> list[int]:
@@ -38,6 +39,13 @@ def continuation_token_ids(tokenizer: PreTrainedTokenizerBase, new_messages: lis
         )
     end_of_assistant_turn = before[before.rindex(eos) + len(eos) :]  # e.g. the "\n" after <|im_end|>
     return tokenizer.encode(end_of_assistant_turn + after[len(before) :], add_special_tokens=False)
+
+
+@functools.lru_cache(maxsize=1024)
+def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[int, ...]:
+    """A prompt's token ids, cached: the episodes of a group (and repeated evaluations) open with the
+    same prompt, and encoding it costs more than everything else in starting an episode."""
+    return tuple(tokenizer.encode(text, add_special_tokens=False))
 
 
 def render(

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import copy
 import difflib
+import functools
 import inspect
 import json
 import re
@@ -105,7 +107,7 @@ class Tool(abc.ABC, Generic[A]):
             "function": {
                 "name": self.name,
                 "description": self.description,
-                "parameters": _without_titles(self.args_model.model_json_schema()),
+                "parameters": copy.deepcopy(_parameters_schema(self.args_model)),
             },
         }
 
@@ -317,6 +319,13 @@ def _as_text(value: Any) -> str:
     if isinstance(value, BaseModel):
         return value.model_dump_json()
     return json.dumps(value, default=str, ensure_ascii=False)
+
+
+@functools.cache
+def _parameters_schema(args_model: type[BaseModel]) -> dict[str, Any]:
+    """The JSON schema of an arguments model, built once: pydantic rebuilds it on every call (~1 ms),
+    and every episode's reset asks for every tool's schema. Callers get a copy."""
+    return _without_titles(args_model.model_json_schema())
 
 
 def _without_titles(schema: Any) -> Any:
