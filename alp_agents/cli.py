@@ -183,12 +183,13 @@ def show(
 @app.command()
 def demo(
     out_dir: Annotated[Path, typer.Option(help="Where the demo writes models, runs and plots.")] = Path("runs/demo"),
-    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override the RL config, e.g. schedule.iterations=10.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the model's weights, the SFT shuffle and the RL run (the tasks stay the same).")] = 0,
+    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override the recipe (demo.toml), e.g. rl.schedule.iterations=10.")] = None,
 ) -> None:
     """The main job: default model -> demonstrations -> SFT -> ALP RL on the calculator env, before/after."""
-    from alp_agents.demo import run_demo
+    from alp_agents.demo import run_demo, seed_overrides
 
-    run_demo(out_dir, overrides or [], console=console)
+    run_demo(out_dir, seed_overrides(seed) + (overrides or []), console=console)
 
 
 def print_generation_report(report: GenerationReport) -> None:

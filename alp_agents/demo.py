@@ -17,6 +17,7 @@ from rich.table import Table
 
 from alp_agents import jobs
 from alp_agents.config import Config, apply_overrides, load_config_data
+from alp_agents.engines import InferenceEngine
 from alp_agents.envs import ToolEnv
 from alp_agents.envs.demos import make_demonstrations
 from alp_agents.demonstrations import write_demonstrations
@@ -29,7 +30,7 @@ from alp_agents.trainers.sft import SFTConfig
 class DemoConfig(Config):
     """The demo's recipe: how many demonstrations, the SFT, and the RL run."""
 
-    demos: int = Field(300, ge=1)
+    demos: int = Field(1000, ge=1)
     """Expert demonstrations for the warm start (taken from the training tasks)."""
     sft: SFTConfig = Field(default_factory=SFTConfig)
     """The supervised warm start."""
@@ -43,8 +44,17 @@ def demo_config(overrides: list[str]) -> DemoConfig:
     return load_config_data(DemoConfig, apply_overrides(recipe, overrides), where="demo.toml")
 
 
-def run_demo(out_dir: Path, overrides: list[str], *, console: Console) -> dict[str, float]:
-    """Run the whole demo into `out_dir` and print the before/after table; return the figures."""
+def seed_overrides(seed: int) -> list[str]:
+    """Overrides that reseed everything random in the demo except the tasks, so seeds are comparable."""
+    return [f"{key}={seed}" for key in ("rl.model.seed", "sft.seed", "rl.schedule.seed", "rl.rollout.sampling.seed")]
+
+
+def run_demo(out_dir: Path, overrides: list[str], *, console: Console, engine: InferenceEngine | None = None) -> dict[str, float]:
+    """Run the whole demo into `out_dir` and print the before/after table; return the figures.
+
+    `engine`: an already running engine on a model of the same architecture (tests share one); by
+    default the RL run starts its own.
+    """
     start = time.perf_counter()
     cfg = demo_config(overrides)
     train_tasks, eval_tasks = jobs.load_tasks(cfg.rl.data)
@@ -65,7 +75,7 @@ def run_demo(out_dir: Path, overrides: list[str], *, console: Console) -> dict[s
 
     console.rule("4/4 RL with ALP")
     rows = train(cfg.rl, out_dir / "rl", env_factory=jobs.env_factory(cfg.rl.env), model_dir=sft_dir,
-                 train_tasks=train_tasks, eval_tasks=eval_tasks)
+                 train_tasks=train_tasks, eval_tasks=eval_tasks, engine=engine)
     before, after = rows[0], rows[-1]
     figures = {
         "before_avg_at_k": before["eval/avg_at_k"], "after_avg_at_k": after["eval/avg_at_k"],

@@ -105,8 +105,14 @@ def sft(model_dir: Path, demos: Path, out: Path, cfg: SFTConfig) -> list[dict[st
     """`alp sft`: fine-tune `model_dir` on the demonstrations and save the result in `out`."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    examples = [tokenize_demonstration(tokenizer, demo) for demo in read_demonstrations(demos)]
-    history = run_sft(model, examples, cfg, pad_token_id=tokenizer.pad_token_id or 0)
+    demonstrations = read_demonstrations(demos)
+    history = []
+    if cfg.schema_free_epochs:
+        schema_free = [tokenize_demonstration(tokenizer, demo.model_copy(update={"tools": []})) for demo in demonstrations]
+        history += run_sft(model, schema_free, cfg.model_copy(update={"epochs": cfg.schema_free_epochs}),
+                           pad_token_id=tokenizer.pad_token_id or 0)
+    examples = [tokenize_demonstration(tokenizer, demo) for demo in demonstrations]
+    history += run_sft(model, examples, cfg, pad_token_id=tokenizer.pad_token_id or 0)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     (Path(out) / "sft_metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in history), encoding="utf-8")

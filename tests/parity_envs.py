@@ -3,13 +3,22 @@
 Importing this module registers it as `Parity-v0`, so a config can name it as `parity_envs:Parity-v0`.
 """
 
+import asyncio
+
 import gymnasium
 
 from alp_agents.envs import TextEnv, TurnResult
 
 
 class ParityEnv(TextEnv):
+    def __init__(self, *, latency_s: float = 0.0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.latency_s = latency_s
+        """Seconds each reply waits before its reward, like a call to a remote tool or sandbox."""
+
     async def respond(self, action: str) -> TurnResult:
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
         return TurnResult(reward=float(len(action) % 2 == 0), terminated=True, answer=action, correct=len(action) % 2 == 0)
 
 

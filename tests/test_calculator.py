@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from fractions import Fraction
 
 import pytest
@@ -90,6 +91,14 @@ def test_errors_say_what_is_wrong(expression: str, message: str) -> None:
     with pytest.raises(CalculatorError) as caught:
         calculator.evaluate(expression)
     assert message in str(caught.value)
+
+
+def test_a_suspicious_literal_is_refused_without_printing_a_warning() -> None:
+    with warnings.catch_warnings(record=True) as printed:
+        warnings.simplefilter("always")  # what a user's terminal gets, unlike the suite's filterwarnings = error
+        with pytest.raises(CalculatorError, match="invalid decimal literal"):
+            calculator.evaluate("3and 4")
+    assert printed == []
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ast
 import math
+import warnings
 from collections.abc import Callable
 from fractions import Fraction
 from typing import Annotated
@@ -78,7 +79,9 @@ class Calculator(Tool[CalculatorArgs]):
         if len(expression) > self.max_length:
             raise CalculatorError(f"the expression has {len(expression)} characters; the limit is {self.max_length}")
         try:
-            tree = ast.parse(expression.replace("^", "**").strip(), mode="eval")
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", SyntaxWarning)  # "3and 4": refused, not a warning printed over the run
+                tree = ast.parse(expression.replace("^", "**").strip(), mode="eval")
         except SyntaxError as e:
             raise CalculatorError(f"cannot parse the expression: {e.msg}") from None
         except (RecursionError, MemoryError):

@@ -107,7 +107,7 @@ async def _train(cfg: TrainConfig, run: RunDir, env_factory: Callable[[], Episod
             run.log(rows[-1])
         for iteration in range(state.iteration + 1, schedule.iterations + 1):
             # -- 1) rollouts with the current policy (already running if async) ----------------------
-            start = time.perf_counter()
+            start = iteration_start = time.perf_counter()
             pending = pending or asyncio.ensure_future(rollouts(iteration))
             trajectories = await until_stopped(pending, stop)
             pending = None
@@ -138,6 +138,7 @@ async def _train(cfg: TrainConfig, run: RunDir, env_factory: Callable[[], Episod
                         "time/sync_s": sync_s, "perf/rollout_tokens_per_s": sampled / max(rollout_s, 1e-9)})
             if iteration == schedule.iterations or (schedule.eval_every and iteration % schedule.eval_every == 0):
                 row.update(await until_stopped(evaluate(), stop))
+            row["time/iteration_s"] = time.perf_counter() - iteration_start
             run.log(row)
             run.write_samples(iteration, trajectories)
             rows.append(row)

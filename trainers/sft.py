@@ -28,6 +28,10 @@ class SFTConfig(Config):
     """Peak AdamW learning rate (small models from scratch want a large one)."""
     epochs: float = Field(2.0, gt=0)
     """Passes over the demonstrations (fractions allowed)."""
+    schema_free_epochs: float = Field(0.0, ge=0)
+    """Passes over the demonstrations with the tool schemas left out of the prompt, before `epochs` with
+    them (0: none). A curriculum for a model trained from scratch: it learns to copy numbers from a short
+    prompt in a few hundred steps, but can stay on a plateau for thousands behind a long tool schema."""
     batch_size: int = Field(16, ge=1)
     """Demonstrations per optimizer step."""
     warmup_steps: int = Field(20, ge=0)

@@ -16,6 +16,7 @@ refuses one that does not fit, leaving the running model untouched.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import uuid
@@ -65,6 +66,9 @@ class WeightSyncExtension:
             expected = {name: shape for name, shape in expected.items() if not name.startswith("lm_head.")}
         if problem := _mismatch(weights, expected):
             return {"error": problem}
+        # The reload warns "<Layer>: Failed to load weights" for the rotary cache and the tied head on
+        # every update; neither is in a checkpoint, both are restored (the head is repacked below).
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
         worker.reload_weights(weights_iterator=list(weights.items()))
         if tied and current_platform.is_cpu():
             dispatch_cpu_unquantized_gemm(model.lm_head, remove_weight=False)  # repack the tied head from the new embedding
