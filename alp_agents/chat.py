@@ -10,6 +10,7 @@ the difference, so it works for any append-only chat template (ChatML, Llama 3, 
 from __future__ import annotations
 
 import functools
+import json
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
@@ -23,14 +24,13 @@ _ANCHOR = [Message(role="user", content="."), Message(role="assistant", content=
 
 def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, messages: list[Message], tools: list[dict[str, Any]] | None = None) -> list[int]:
     """Token ids of the opening prompt, ending with the template's generation prompt."""
-    text = render(tokenizer, messages, tools=tools, add_generation_prompt=True)
-    return list(_encode(tokenizer, text))
+    return list(_prompt_ids(tokenizer, json.dumps([m.to_chat() for m in messages]), json.dumps(tools or [])))
 
 
 def continuation_token_ids(tokenizer: PreTrainedTokenizerBase, new_messages: list[Message]) -> list[int]:
     """Ids that follow the model's end-of-turn token: rest of its turn, `new_messages`, and the next generation prompt."""
     eos = tokenizer.eos_token
-    before = render(tokenizer, _ANCHOR)
+    before = _anchor_text(tokenizer)
     after = render(tokenizer, _ANCHOR + new_messages, add_generation_prompt=True)
     if not after.startswith(before) or eos not in before:
         raise ModelError(
@@ -41,13 +41,6 @@ def continuation_token_ids(tokenizer: PreTrainedTokenizerBase, new_messages: lis
     return tokenizer.encode(end_of_assistant_turn + after[len(before) :], add_special_tokens=False)
 
 
-@functools.lru_cache(maxsize=1024)
-def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[int, ...]:
-    """A prompt's token ids, cached: the episodes of a group (and repeated evaluations) open with the
-    same prompt, and encoding it costs more than everything else in starting an episode."""
-    return tuple(tokenizer.encode(text, add_special_tokens=False))
-
-
 def render(
     tokenizer: PreTrainedTokenizerBase,
     messages: list[Message],
@@ -56,6 +49,25 @@ def render(
     add_generation_prompt: bool = False,
 ) -> str:
     """The chat template's text for `messages` (the reference the token-in/token-out ids are checked against)."""
-    return tokenizer.apply_chat_template(
-        [m.to_chat() for m in messages], tools=tools or None, tokenize=False, add_generation_prompt=add_generation_prompt
-    )
+    return _render_chat(tokenizer, [m.to_chat() for m in messages], tools, add_generation_prompt)
+
+
+# The agent loop starts every episode of a group from the same prompt and renders the same anchor on
+# every turn; rendering (jinja) and encoding cost more than everything else in starting an episode.
+
+
+@functools.lru_cache(maxsize=1024)
+def _prompt_ids(tokenizer: PreTrainedTokenizerBase, chat_json: str, tools_json: str) -> tuple[int, ...]:
+    """Ids of a prompt given as JSON (a hashable cache key): its messages' chat dicts and its tool schemas."""
+    text = _render_chat(tokenizer, json.loads(chat_json), json.loads(tools_json), add_generation_prompt=True)
+    return tuple(tokenizer.encode(text, add_special_tokens=False))
+
+
+@functools.lru_cache(maxsize=16)
+def _anchor_text(tokenizer: PreTrainedTokenizerBase) -> str:
+    return render(tokenizer, _ANCHOR)
+
+
+def _render_chat(tokenizer: PreTrainedTokenizerBase, chat: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+                 add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(chat, tools=tools or None, tokenize=False, add_generation_prompt=add_generation_prompt)
