@@ -10,6 +10,7 @@ import asyncio
 import difflib
 import importlib
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -80,6 +81,12 @@ def resolve_model(section: ModelSection, work_dir: Path) -> Path:
 
 def train_from_config(config: Path | None, overrides: list[str], run_dir: Path, *, resume: bool = False) -> list[dict[str, Any]]:
     """`alp train`: load the config (or the run's own config when resuming) and run the loop."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(
+            "alp train runs its trainer in one process; under torchrun each rank would train its own copy. Run it "
+            "without torchrun, or train on saved trajectories across ranks: torchrun --nproc-per-node N -m "
+            "alp_agents.trainers.distributed --model DIR --trajectories FILE.jsonl"
+        )
     if resume:
         cfg = RunDir(run_dir).read_config(TrainConfig)
         if config is not None or overrides:

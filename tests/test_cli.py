@@ -35,3 +35,13 @@ def test_init_model_rejects_an_unknown_size(tmp_path):
     out = alp("init-model", str(tmp_path / "m"), "--size", "huge")
     assert out.returncode != 0
     assert "unknown model size 'huge'" in out.stderr + out.stdout
+
+
+def test_train_under_torchrun_refuses_before_any_work(tmp_path, monkeypatch):
+    # torchrun sets WORLD_SIZE for every rank; N independent copies of the loop would each train and push weights.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = subprocess.run([sys.executable, "-m", "alp_agents.cli", "train", "--run-dir", str(tmp_path / "run")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert "under torchrun" in out.stdout + out.stderr and "alp_agents.trainers.distributed" in out.stdout + out.stderr
+    assert not (tmp_path / "run").exists()  # refused before writing anything
