@@ -11,6 +11,7 @@ import difflib
 import importlib
 import json
 import os
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 import gymnasium
 import torch
+import torch.distributed as dist
 from pydantic import BaseModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -33,6 +35,8 @@ from alp_agents.evaluation import RolloutStats, rollout_stats
 from alp_agents.rollout import EpisodeEnv, RolloutLimits, collect
 from alp_agents.tiny import build_tiny_model
 from alp_agents.trajectory import Trajectory, write_trajectories
+from alp_agents.trainers.distributed import (DistributedALPTrainer, RankZeroTrainer, broadcast_from_rank0, follow_rank_zero,
+                                             training_device)
 from alp_agents.trainers.loop import train
 from alp_agents.trainers.run_config import DataSection, EnvSection, ModelSection, TrainConfig
 from alp_agents.trainers.run_dir import RunDir
@@ -80,23 +84,52 @@ def resolve_model(section: ModelSection, work_dir: Path) -> Path:
 
 
 def train_from_config(config: Path | None, overrides: list[str], run_dir: Path, *, resume: bool = False) -> list[dict[str, Any]]:
-    """`alp train`: load the config (or the run's own config when resuming) and run the loop."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError(
-            "alp train runs its trainer in one process; under torchrun each rank would train its own copy. Run it "
-            "without torchrun, or train on saved trajectories across ranks: torchrun --nproc-per-node N -m "
-            "alp_agents.trainers.distributed --model DIR --trajectories FILE.jsonl"
-        )
+    """`alp train`: load the config (or the run's own config when resuming) and run the loop (on every rank under torchrun)."""
     if resume:
         cfg = RunDir(run_dir).read_config(TrainConfig)
         if config is not None or overrides:
             raise ConfigError("--resume continues a run with its saved config; drop --config and --set")
     else:
         cfg = load_config(TrainConfig, config, overrides)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return train_on_ranks(cfg, run_dir, resume=resume)
     train_tasks, eval_tasks = load_tasks(cfg.data)
     model_dir = resolve_model(cfg.model, run_dir)
     return train(cfg, run_dir, env_factory=env_factory(cfg.env), model_dir=model_dir, train_tasks=train_tasks,
                  eval_tasks=eval_tasks, resume=resume)
+
+
+def train_on_ranks(cfg: TrainConfig, run_dir: Path, *, resume: bool) -> list[dict[str, Any]]:
+    """`alp train` under torchrun: the policy sharded over the ranks with FSDP2, rollouts on the vLLM servers.
+
+    Rank 0 runs the loop (rollouts, evaluation, logs, weight pushes) and returns its rows; the other
+    ranks follow its trainer calls (`follow_rank_zero`) and return [].
+    """
+    if resume:
+        raise ConfigError("--resume under torchrun: a sharded run saves its gathered model but not its sharded optimizer yet; "
+                          "start a new run from RUN_DIR/model (model.path) instead")
+    if not cfg.engine.servers:
+        raise ConfigError("alp train under torchrun needs its rollouts on vLLM servers: pass --server URL (engine.servers); "
+                          "one in-process engine per rank would each sample and take the weights")
+    dist.init_process_group()  # gloo for CPU tensors, NCCL for CUDA ones
+    try:
+        model_dir = broadcast_from_rank0(resolve_model(cfg.model, run_dir) if dist.get_rank() == 0 else None)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(training_device())
+        trainer = DistributedALPTrainer(model, cfg.trainer)
+        if dist.get_rank() != 0:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 decides when to stop, and tells the others
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            follow_rank_zero(trainer)
+            return []
+        sharded = RankZeroTrainer(trainer)
+        try:
+            train_tasks, eval_tasks = load_tasks(cfg.data)
+            return train(cfg, run_dir, env_factory=env_factory(cfg.env), model_dir=model_dir, train_tasks=train_tasks,
+                         eval_tasks=eval_tasks, sharded_trainer=sharded)
+        finally:
+            sharded.release_followers()
+    finally:
+        dist.destroy_process_group()
 
 
 # -- alp make-demos / alp sft -----------------------------------------------------------------------

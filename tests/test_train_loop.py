@@ -218,3 +218,36 @@ def test_training_with_rollouts_on_a_vllm_server(vllm_server, tiny_model_dir, ti
     generation = asyncio.run(sample_and_restore())
     trained = hf_logprobs(prompt, generation.token_ids, weights={n: p.detach() for n, p in model.named_parameters()})
     assert max(abs(a - b) for a, b in zip(trained, generation.logprobs)) < 1e-4
+
+
+def test_alp_train_under_torchrun_shards_the_trainer_and_pushes_to_the_server(vllm_server, tiny_model_dir, tiny_weights, hf_logprobs,
+                                                                               tmp_path):
+    from alp_agents.engines import OpenAIServerEngine
+
+    cfg_path = tmp_path / "run.toml"
+    cfg_path.write_text(config_toml(tiny_model_dir, iterations=2, checkpoint_every=0))
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", "-m", "alp_agents.cli",
+               "train", "--config", str(cfg_path), "--run-dir", str(run_dir), "--server", vllm_server.url]
+    env = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    rows = metric_rows(run_dir)
+    assert [r["iteration"] for r in rows] == [0, 1, 2] and rows[-1]["policy_version"] == 2
+    assert all(r["perf/episodes_left_out_by_sharding"] == 0 for r in rows[1:])  # 2 groups of 4: one per rank
+    assert all(r["perf/sequences"] == 8 for r in rows[1:])  # the metrics of both ranks' episodes, reduced
+    # The server samples from the trained policy that rank 0 gathered, pushed and saved.
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "model", dtype=torch.float32)
+    prompt = AutoTokenizer.from_pretrained(tiny_model_dir).encode("Ben has 3 coins.")
+
+    async def sample_and_restore():
+        async with OpenAIServerEngine(vllm_server.url) as engine:
+            generation = await engine.generate(prompt, SamplingConfig(max_tokens=8, seed=2))
+            await engine.update_weights(tiny_weights, engine.policy_version + 1)
+            return generation
+
+    generation = asyncio.run(sample_and_restore())
+    trained = hf_logprobs(prompt, generation.token_ids, weights={n: p.detach() for n, p in model.named_parameters()})
+    assert max(abs(a - b) for a, b in zip(trained, generation.logprobs)) < 1e-4
+    assert max(abs(a - b) for a, b in zip(hf_logprobs(prompt, generation.token_ids), generation.logprobs)) > 1e-3  # it did change

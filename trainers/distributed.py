@@ -40,7 +40,7 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -267,6 +267,85 @@ def _weighted_mean(values: list[float], weights: list[float]) -> float:
     return sum(value * weight for value, weight in pairs) / total if total > 0 else math.nan
 
 
+# -- alp train under torchrun: rank 0 runs the loop, the other ranks follow ----------------------
+
+
+class RankZeroTrainer:
+    """The trainer the RL loop holds on rank 0 of `torchrun`: each of its calls is mirrored on every rank.
+
+    The loop (rollouts on vLLM servers, evaluation, logging, weight pushes) runs on rank 0 only.
+    Every other rank runs `follow_rank_zero`, which receives each call rank 0 announces and makes the
+    same one, so FSDP's collectives pair up. A batch is cut to whole groups of one size, as many on
+    every rank (`balanced_groups`); rank 0 sends the cut batch, each rank trains on its shard.
+    """
+
+    def __init__(self, trainer: DistributedALPTrainer) -> None:
+        self.trainer = trainer
+        """The sharded trainer of rank 0."""
+
+    def step(self, trajectories: Sequence[Trajectory]) -> dict[str, float]:
+        """One batch across the ranks; its metrics, plus how many episodes the cut left out."""
+        kept = balanced_groups(trajectories, dist.get_world_size())
+        if not kept:
+            return {"perf/episodes_left_out_by_sharding": float(len(trajectories))}
+        broadcast_from_rank0(("step", kept))
+        metrics = self.trainer.step(shard_batch(kept, rank=0, world_size=dist.get_world_size()))
+        return {**metrics, "perf/episodes_left_out_by_sharding": float(len(trajectories) - len(kept))}
+
+    def policy_state_dict(self) -> dict[str, Tensor]:
+        """The full weights for the engine (gathered on rank 0)."""
+        broadcast_from_rank0(("weights", None))
+        return self.trainer.policy_state_dict()
+
+    def save_pretrained(self, out_dir: str | Path) -> None:
+        """Write the full policy as a Hugging Face model directory (from rank 0)."""
+        broadcast_from_rank0(("save", str(out_dir)))
+        self.trainer.save_pretrained(out_dir)
+
+    def release_followers(self) -> None:
+        """Tell the other ranks the run is over (call it once, at the end, whatever happened)."""
+        broadcast_from_rank0(("stop", None))
+
+
+def follow_rank_zero(trainer: DistributedALPTrainer) -> None:
+    """Ranks > 0 of `alp train`: make each call rank 0's RankZeroTrainer announces, until it says stop."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    while True:
+        call, argument = broadcast_from_rank0(None)
+        if call == "stop":
+            return
+        if call == "step":
+            trainer.step(shard_batch(argument, rank=rank, world_size=world_size))
+        elif call == "weights":
+            trainer.policy_state_dict()
+        elif call == "save":
+            trainer.save_pretrained(argument)
+
+
+def balanced_groups(trajectories: Sequence[Trajectory], world_size: int) -> list[Trajectory]:
+    """The episodes of the complete groups (the most common size), as many groups as divide evenly over the ranks.
+
+    Failed episodes are dropped before the update, which leaves some groups short; FSDP needs the
+    same number of episodes on every rank and GRPO whole groups, so short groups and the remainder
+    are left out of this batch.
+    """
+    groups: dict[str, list[Trajectory]] = {}
+    for trajectory in trajectories:
+        groups.setdefault(trajectory.group_id, []).append(trajectory)
+    if not groups:
+        return []
+    size = max(len(group) for group in groups.values())
+    complete = [group for group in groups.values() if len(group) == size]
+    return sum(complete[: len(complete) - len(complete) % world_size], [])
+
+
+def broadcast_from_rank0(value: Any) -> Any:
+    """Rank 0's `value` (anything picklable), on every rank; the others pass a placeholder."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 # -- the command ---------------------------------------------------------------------------------
 
 
@@ -286,7 +365,7 @@ def main(
     from alp_agents.trajectory import read_trajectories
 
     cfg = load_config(TrainerConfig, config, set_ or [])
-    device = _local_device()
+    device = training_device()
     dist.init_process_group()  # gloo for CPU tensors, NCCL for CUDA ones
     try:
         rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -305,8 +384,8 @@ def main(
         dist.destroy_process_group()
 
 
-def _local_device() -> torch.device:
-    """This process's GPU (torchrun's LOCAL_RANK) when there are GPUs, else the CPU."""
+def training_device() -> torch.device:
+    """This process's GPU (torchrun's LOCAL_RANK, 0 without torchrun) when there are GPUs, else the CPU."""
     if not torch.cuda.is_available():
         return torch.device("cpu")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -38,6 +38,7 @@ from alp_agents.rollout import EpisodeEnv, collect
 from alp_agents.trajectory import Trajectory
 from alp_agents.trainers.run_config import EngineSection, TrainConfig
 from alp_agents.trainers.run_dir import LoopState, RunDir
+from alp_agents.trainers.distributed import RankZeroTrainer, training_device
 from alp_agents.trainers.trainer import ALPTrainer
 
 T = TypeVar("T")
@@ -49,17 +50,21 @@ class Interrupted(Exception):
 
 def train(cfg: TrainConfig, run_dir: str | Path, *, env_factory: Callable[[], EpisodeEnv], model_dir: str | Path,
           train_tasks: Sequence[Any], eval_tasks: Sequence[Any], resume: bool = False,
-          engine: InferenceEngine | None = None, progress: bool = True) -> list[dict[str, Any]]:
+          engine: InferenceEngine | None = None, progress: bool = True,
+          sharded_trainer: RankZeroTrainer | None = None) -> list[dict[str, Any]]:
     """Run (or, with `resume`, continue) the RL loop; return the metrics rows logged by this call.
 
     `engine`: use this running engine instead of starting one (it is left open and its weights changed).
+    `sharded_trainer`: on rank 0 of torchrun, the trainer spread over the ranks (of `model_dir`'s
+    weights); checkpoints then hold the gathered model only, so such a run cannot be resumed yet.
     """
-    return asyncio.run(_train(cfg, RunDir(run_dir), env_factory, Path(model_dir), train_tasks, eval_tasks, resume, engine, progress))
+    return asyncio.run(_train(cfg, RunDir(run_dir), env_factory, Path(model_dir), train_tasks, eval_tasks, resume, engine, progress,
+                              sharded_trainer))
 
 
 async def _train(cfg: TrainConfig, run: RunDir, env_factory: Callable[[], EpisodeEnv], model_dir: Path,
                  train_tasks: Sequence[Any], eval_tasks: Sequence[Any], resume: bool,
-                 given_engine: InferenceEngine | None, progress: bool) -> list[dict[str, Any]]:
+                 given_engine: InferenceEngine | None, progress: bool, sharded_trainer: RankZeroTrainer | None) -> list[dict[str, Any]]:
     # -- state: fresh, or from the last checkpoint ---------------------------------------------------
     state, trainer_state = LoopState(iteration=0, policy_version=0), None
     if resume:
@@ -68,10 +73,20 @@ async def _train(cfg: TrainConfig, run: RunDir, env_factory: Callable[[], Episod
     else:
         run.write_config(cfg)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    trainer = ALPTrainer(model, cfg.trainer)
-    if trainer_state is not None:
-        trainer.load_state_dict(trainer_state)
+    if sharded_trainer is None:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(training_device())
+        trainer: ALPTrainer | RankZeroTrainer = ALPTrainer(model, cfg.trainer)
+        if trainer_state is not None:
+            trainer.load_state_dict(trainer_state)
+    else:
+        trainer = sharded_trainer
+
+    def save_checkpoint(state: LoopState) -> None:
+        if isinstance(trainer, RankZeroTrainer):  # the sharded optimizer is not checkpointed yet: the gathered model only
+            trainer.save_pretrained(run.path / "model")
+            tokenizer.save_pretrained(run.path / "model")
+        else:
+            run.save_checkpoint(model, tokenizer, trainer.state_dict(), state)
     engine = given_engine or await start_engine(cfg.engine, model_dir, seed=cfg.schedule.seed, version=state.policy_version)
     if given_engine is not None:
         await engine.update_weights(trainer.policy_state_dict(), state.policy_version)
@@ -143,15 +158,15 @@ async def _train(cfg: TrainConfig, run: RunDir, env_factory: Callable[[], Episod
             run.write_samples(iteration, trajectories)
             rows.append(row)
             if iteration == schedule.iterations or (schedule.checkpoint_every and iteration % schedule.checkpoint_every == 0):
-                run.save_checkpoint(model, tokenizer, trainer.state_dict(), state)
+                save_checkpoint(state)
             bar.update()
             bar.set_postfix(reward=f"{row['rollout/mean_reward']:.2f}", acc=f"{row['rollout/avg_at_k']:.2f}",
                             tok_s=f"{row['perf/rollout_tokens_per_s']:.0f}", refresh=False)
             if stop.is_set():
                 raise Interrupted
     except Interrupted:
-        print(f"\ninterrupted: saving a checkpoint of iteration {state.iteration} in {run.checkpoint_path}", flush=True)
-        run.save_checkpoint(model, tokenizer, trainer.state_dict(), state)
+        print(f"\ninterrupted: saving a checkpoint of iteration {state.iteration} in {run.path}", flush=True)
+        save_checkpoint(state)
     finally:
         bar.close()
         if pending is not None:
