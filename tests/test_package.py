@@ -34,15 +34,17 @@ def test_errors_form_one_tree():
     assert issubclass(alp_agents.EngineTimeout, alp_agents.EngineError)
 
 
-def test_readme_config_reference_matches_the_code():
+def test_readme_config_references_match_the_code():
     from pathlib import Path
 
     from alp_agents.config import config_reference
     from alp_agents.trainers.run_config import TrainConfig
+    from alp_agents.trainers.sft import SFTConfig
 
     readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
-    documented = readme.split("<!-- config-reference:start -->\n")[1].split("\n<!-- config-reference:end -->")[0]
-    assert documented == config_reference(TrainConfig()), "regenerate the README table with config_reference(TrainConfig())"
+    for marker, config in (("config-reference", TrainConfig()), ("sft-reference", SFTConfig())):
+        documented = readme.split(f"<!-- {marker}:start -->\n")[1].split(f"\n<!-- {marker}:end -->")[0]
+        assert documented == config_reference(config), f"regenerate the README table with config_reference({type(config).__name__}())"
 
 
 def test_readme_shows_the_tested_environment_examples():
