@@ -105,17 +105,19 @@ def train_on_ranks(cfg: TrainConfig, run_dir: Path, *, resume: bool) -> list[dic
     Rank 0 runs the loop (rollouts, evaluation, logs, weight pushes) and returns its rows; the other
     ranks follow its trainer calls (`follow_rank_zero`) and return [].
     """
-    if resume:
-        raise ConfigError("--resume under torchrun: a sharded run saves its gathered model but not its sharded optimizer yet; "
-                          "start a new run from RUN_DIR/model (model.path) instead")
     if not cfg.engine.servers:
         raise ConfigError("alp train under torchrun needs its rollouts on vLLM servers: pass --server URL (engine.servers); "
                           "one in-process engine per rank would each sample and take the weights")
     dist.init_process_group()  # gloo for CPU tensors, NCCL for CUDA ones
     try:
-        model_dir = broadcast_from_rank0(resolve_model(cfg.model, run_dir) if dist.get_rank() == 0 else None)
+        if resume:  # every rank reads the checkpoint (one node, or a file system the nodes share)
+            model_dir, trainer_state, _ = RunDir(run_dir).load_checkpoint()
+        else:
+            model_dir = broadcast_from_rank0(resolve_model(cfg.model, run_dir) if dist.get_rank() == 0 else None)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(training_device())
         trainer = DistributedALPTrainer(model, cfg.trainer)
+        if resume:
+            trainer.load_state_dict(trainer_state)
         if dist.get_rank() != 0:
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 decides when to stop, and tells the others
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -125,7 +127,7 @@ def train_on_ranks(cfg: TrainConfig, run_dir: Path, *, resume: bool) -> list[dic
         try:
             train_tasks, eval_tasks = load_tasks(cfg.data)
             return train(cfg, run_dir, env_factory=env_factory(cfg.env), model_dir=model_dir, train_tasks=train_tasks,
-                         eval_tasks=eval_tasks, sharded_trainer=sharded)
+                         eval_tasks=eval_tasks, resume=resume, sharded_trainer=sharded)
         finally:
             sharded.release_followers()
     finally:

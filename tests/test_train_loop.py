@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -18,7 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from alp_agents.config import load_config
-from alp_agents.engines import SamplingConfig
+from alp_agents.engines import OpenAIServerEngine, SamplingConfig
 from alp_agents.trajectory import Trajectory
 from alp_agents.trainers.loop import has_learning_signal, tasks_for_iteration, train
 from alp_agents.trainers.run_config import TrainConfig
@@ -195,8 +196,6 @@ def test_a_batch_without_learning_signal_is_recognised():
 
 def test_training_with_rollouts_on_a_vllm_server(vllm_server, tiny_model_dir, tiny_weights, hf_logprobs, tmp_path):
     from alp_agents import jobs
-    from alp_agents.engines import OpenAIServerEngine
-
     sys.path.insert(0, str(TESTS))
     cfg_path = tmp_path / "run.toml"
     cfg_path.write_text(config_toml(tiny_model_dir, iterations=2, checkpoint_every=0))
@@ -205,49 +204,83 @@ def test_training_with_rollouts_on_a_vllm_server(vllm_server, tiny_model_dir, ti
     rows = train(cfg, tmp_path / "run", env_factory=jobs.env_factory(cfg.env), model_dir=tiny_model_dir, train_tasks=train_tasks,
                  eval_tasks=eval_tasks, progress=False)
     assert [r["iteration"] for r in rows] == [0, 1, 2] and rows[-1]["rollout/failure_rate"] == 0.0
-    # The server now samples from the trained policy.
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "checkpoint" / "model", dtype=torch.float32)
+    assert_server_serves(tmp_path / "run" / "checkpoint" / "model", vllm_server.url, tiny_model_dir, tiny_weights, hf_logprobs)
+
+
+def assert_server_serves(saved_model: Path, server_url: str, tiny_model_dir: Path, tiny_weights, hf_logprobs) -> None:
+    """The server samples from the weights of `saved_model` (a trained policy); then it gets the tiny model's back."""
+    model = AutoModelForCausalLM.from_pretrained(saved_model, dtype=torch.float32)
     prompt = AutoTokenizer.from_pretrained(tiny_model_dir).encode("Ben has 3 coins.")
-
-    async def sample_and_restore():
-        async with OpenAIServerEngine(vllm_server.url) as engine:
-            generation = await engine.generate(prompt, SamplingConfig(max_tokens=8, seed=2))
-            await engine.update_weights(tiny_weights, engine.policy_version + 1)
-            return generation
-
-    generation = asyncio.run(sample_and_restore())
-    trained = hf_logprobs(prompt, generation.token_ids, weights={n: p.detach() for n, p in model.named_parameters()})
-    assert max(abs(a - b) for a, b in zip(trained, generation.logprobs)) < 1e-4
-
-
-def test_alp_train_under_torchrun_shards_the_trainer_and_pushes_to_the_server(vllm_server, tiny_model_dir, tiny_weights, hf_logprobs,
-                                                                               tmp_path):
-    from alp_agents.engines import OpenAIServerEngine
-
-    cfg_path = tmp_path / "run.toml"
-    cfg_path.write_text(config_toml(tiny_model_dir, iterations=2, checkpoint_every=0))
-    run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", "-m", "alp_agents.cli",
-               "train", "--config", str(cfg_path), "--run-dir", str(run_dir), "--server", vllm_server.url]
-    env = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
-    assert done.returncode == 0, done.stderr[-4000:]
-
-    rows = metric_rows(run_dir)
-    assert [r["iteration"] for r in rows] == [0, 1, 2] and rows[-1]["policy_version"] == 2
-    assert all(r["perf/episodes_left_out_by_sharding"] == 0 for r in rows[1:])  # 2 groups of 4: one per rank
-    assert all(r["perf/sequences"] == 8 for r in rows[1:])  # the metrics of both ranks' episodes, reduced
-    # The server samples from the trained policy that rank 0 gathered, pushed and saved.
-    model = AutoModelForCausalLM.from_pretrained(run_dir / "model", dtype=torch.float32)
-    prompt = AutoTokenizer.from_pretrained(tiny_model_dir).encode("Ben has 3 coins.")
-
-    async def sample_and_restore():
-        async with OpenAIServerEngine(vllm_server.url) as engine:
-            generation = await engine.generate(prompt, SamplingConfig(max_tokens=8, seed=2))
-            await engine.update_weights(tiny_weights, engine.policy_version + 1)
-            return generation
-
-    generation = asyncio.run(sample_and_restore())
+    with server_weights_restored(server_url, tiny_weights):
+        generation = asyncio.run(generate_on(server_url, prompt))
     trained = hf_logprobs(prompt, generation.token_ids, weights={n: p.detach() for n, p in model.named_parameters()})
     assert max(abs(a - b) for a, b in zip(trained, generation.logprobs)) < 1e-4
     assert max(abs(a - b) for a, b in zip(hf_logprobs(prompt, generation.token_ids), generation.logprobs)) > 1e-3  # it did change
+
+
+async def generate_on(server_url: str, prompt: list[int]):
+    async with OpenAIServerEngine(server_url) as engine:
+        return await engine.generate(prompt, SamplingConfig(max_tokens=8, seed=2))
+
+
+@contextlib.contextmanager
+def server_weights_restored(server_url: str, tiny_weights):
+    """The session's shared server gets the tiny model's weights back afterwards, whatever happened."""
+    async def restore():
+        async with OpenAIServerEngine(server_url) as engine:
+            await engine.update_weights(tiny_weights, engine.policy_version + 1)
+
+    try:
+        yield
+    finally:
+        asyncio.run(restore())
+
+
+def alp_train_on_two_ranks(*args: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", "-m", "alp_agents.cli", "train"]
+    env = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([*command, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(vllm_server, tiny_model_dir, tmp_path_factory):
+    """An uninterrupted 4-iteration `alp train` on 2 gloo ranks, rollouts on the shared server."""
+    run_dir = tmp_path_factory.mktemp("two-ranks") / "run"
+    cfg_path = run_dir.parent / "run.toml"
+    cfg_path.write_text(config_toml(tiny_model_dir))
+    process = alp_train_on_two_ranks("--config", str(cfg_path), "--run-dir", str(run_dir), "--server", vllm_server.url)
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output[-4000:]
+    return cfg_path, run_dir, metric_rows(run_dir)
+
+
+def test_alp_train_under_torchrun_shards_the_trainer_and_pushes_to_the_server(two_rank_run, vllm_server, tiny_model_dir, tiny_weights,
+                                                                               hf_logprobs):
+    _, run_dir, rows = two_rank_run
+    assert [r["iteration"] for r in rows] == [0, 1, 2, 3, 4] and rows[-1]["policy_version"] == 4
+    updated = [r for r in rows[1:] if r["train/skipped_batch"] == 0]  # a batch without learning signal is skipped
+    assert updated and all(r["perf/episodes_left_out_by_sharding"] == 0 for r in updated)  # 2 groups of 4: one per rank
+    assert all(r["perf/sequences"] == 8 for r in updated)  # the metrics of both ranks' episodes, reduced
+    # The server samples from the trained policy that rank 0 gathered, pushed and saved.
+    assert_server_serves(run_dir / "checkpoint" / "model", vllm_server.url, tiny_model_dir, tiny_weights, hf_logprobs)
+
+
+def test_torchrun_resume_after_kill_9_gives_the_same_metrics(two_rank_run, vllm_server, tiny_weights, tmp_path):
+    cfg_path, _, reference = two_rank_run
+    run_dir = tmp_path / "run"
+    with server_weights_restored(vllm_server.url, tiny_weights):
+        process = alp_train_on_two_ranks("--config", str(cfg_path), "--run-dir", str(run_dir), "--server", vllm_server.url)
+        wait_for(lambda: checkpoint_iteration(run_dir) == 2, 600, process)
+        os.killpg(process.pid, signal.SIGKILL)  # torchrun and both ranks
+        process.wait()
+        assert checkpoint_iteration(run_dir) == 2
+        resumed = alp_train_on_two_ranks("--run-dir", str(run_dir), "--resume")  # the servers come from the saved config
+        output, _ = resumed.communicate(timeout=600)
+        assert resumed.returncode == 0, output[-4000:]
+    rows = metric_rows(run_dir)
+    assert [r["iteration"] for r in rows] == [0, 1, 2, 3, 4]
+    for got, want in zip(rows, reference):
+        assert comparable(got).keys() == comparable(want).keys()
+        for key, value in comparable(want).items():
+            assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6, nan_ok=True), (got["iteration"], key)

@@ -48,11 +48,14 @@ import typer
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from transformers import PreTrainedTokenizerBase
 
 from alp_agents.errors import ConfigError, TrajectoryError
 from alp_agents.trajectory import Trajectory
 from alp_agents.trainers.batching import collate
+from alp_agents.trainers.run_dir import LoopState, RunDir
 from alp_agents.trainers.perturbation import find_decoder_layers
 from alp_agents.trainers.trainer import ALPTrainer, TrainerConfig
 
@@ -198,6 +201,37 @@ class DistributedALPTrainer:
             self.model.save_pretrained(out_dir, state_dict=weights)
         dist.barrier()
 
+    def state_dict(self) -> dict[str, Any]:
+        """ALPTrainer.state_dict with full tensors, on rank 0 ({} on the other ranks); call it on every rank.
+
+        The optimizer's moments are gathered shard by shard, in the optimizer's own order on every
+        rank. (The shuffle generator starts from the same seed and draws the same on every rank, so
+        rank 0's state is everyone's.)
+        """
+        state = self.trainer.state_dict()
+        full_model = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        optimizer = state["optimizer"]
+        full_state = {
+            index: {key: value.full_tensor().cpu() if isinstance(value, DTensor) else value for key, value in moments.items()}
+            for index, moments in sorted(optimizer["state"].items())
+        }
+        if dist.get_rank() != 0:
+            return {}
+        return {**state, "model": full_model, "optimizer": {**optimizer, "state": full_state}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a `state_dict()` on every rank; the weights themselves come from the checkpoint's model directory.
+
+        Each rank keeps its own shard of every optimizer moment.
+        """
+        parameters = [p for group in self.trainer.optimizer.param_groups for p in group["params"]]
+        sharded = {
+            index: {key: _shard_like(value, parameters[index]) for key, value in moments.items()}
+            for index, moments in state["optimizer"]["state"].items()
+        }
+        self.trainer.load_state_dict({**state, "model": self.model.state_dict(),
+                                      "optimizer": {**state["optimizer"], "state": sharded}})
+
     def _calibrate_sigma(self, trajectories: Sequence[Trajectory]) -> None:
         """Relative sigmas from this rank's first micro-batch, then log(sigma) averaged over the ranks."""
         perturbation, cfg = self.trainer.perturbation, self.trainer.cfg
@@ -216,6 +250,13 @@ class DistributedALPTrainer:
         total = value.detach().to("cpu", copy=True)
         dist.all_reduce(total, group=self._sigma_group)
         return (total / dist.get_world_size()).to(value.device)
+
+
+def _shard_like(value: Any, parameter: Tensor) -> Any:
+    """An optimizer moment saved in full, sharded like its parameter (scalars such as `step` as they are)."""
+    if isinstance(parameter, DTensor) and isinstance(value, Tensor) and value.shape == parameter.shape:
+        return distribute_tensor(value.to(parameter.device), parameter.device_mesh, parameter.placements)
+    return value
 
 
 def reduce_metrics(metrics: dict[str, float]) -> dict[str, float]:
@@ -277,6 +318,7 @@ class RankZeroTrainer:
     Every other rank runs `follow_rank_zero`, which receives each call rank 0 announces and makes the
     same one, so FSDP's collectives pair up. A batch is cut to whole groups of one size, as many on
     every rank (`balanced_groups`); rank 0 sends the cut batch, each rank trains on its shard.
+    Checkpoints gather the weights and the optimizer state into the single-process layout.
     """
 
     def __init__(self, trainer: DistributedALPTrainer) -> None:
@@ -297,10 +339,11 @@ class RankZeroTrainer:
         broadcast_from_rank0(("weights", None))
         return self.trainer.policy_state_dict()
 
-    def save_pretrained(self, out_dir: str | Path) -> None:
-        """Write the full policy as a Hugging Face model directory (from rank 0)."""
-        broadcast_from_rank0(("save", str(out_dir)))
-        self.trainer.save_pretrained(out_dir)
+    def save_checkpoint(self, run: RunDir, tokenizer: PreTrainedTokenizerBase, state: LoopState) -> None:
+        """The same checkpoint as one process writes (full weights, full optimizer state), from rank 0."""
+        broadcast_from_rank0(("checkpoint", None))
+        trainer_state, weights = self.trainer.state_dict(), self.trainer.policy_state_dict()
+        run.save_checkpoint(self.trainer.model, tokenizer, trainer_state, state, weights=weights)
 
     def release_followers(self) -> None:
         """Tell the other ranks the run is over (call it once, at the end, whatever happened)."""
@@ -318,8 +361,9 @@ def follow_rank_zero(trainer: DistributedALPTrainer) -> None:
             trainer.step(shard_batch(argument, rank=rank, world_size=world_size))
         elif call == "weights":
             trainer.policy_state_dict()
-        elif call == "save":
-            trainer.save_pretrained(argument)
+        elif call == "checkpoint":
+            trainer.state_dict()
+            trainer.policy_state_dict()
 
 
 def balanced_groups(trajectories: Sequence[Trajectory], world_size: int) -> list[Trajectory]:

@@ -10,6 +10,9 @@ With `schedule.async_rollouts`, iteration n+1's rollouts are generated while the
 iteration n (one step off: staleness <= 1, recorded in every trajectory's policy_version); the
 importance ratio against the engine's log-probs is exactly what ALP corrects.
 
+Under torchrun the loop runs on rank 0 with a `RankZeroTrainer`, whose calls the other ranks mirror
+on their shards of the policy (alp_agents.trainers.distributed).
+
 Failures stay small: a failed episode is dropped from the batch (counted in rollout/failure_rate);
 a batch without any learning signal (every group's rewards equal) is skipped and counted; Ctrl-C
 (SIGINT) or SIGTERM finishes or cancels the work in flight, saves a checkpoint and closes the engine.
@@ -55,8 +58,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, env_factory: Callable[[], Ep
     """Run (or, with `resume`, continue) the RL loop; return the metrics rows logged by this call.
 
     `engine`: use this running engine instead of starting one (it is left open and its weights changed).
-    `sharded_trainer`: on rank 0 of torchrun, the trainer spread over the ranks (of `model_dir`'s
-    weights); checkpoints then hold the gathered model only, so such a run cannot be resumed yet.
+    `sharded_trainer`: on rank 0 of torchrun, the trainer spread over the ranks, already holding
+    `model_dir`'s weights (and, when resuming, the checkpoint's trainer state).
     """
     return asyncio.run(_train(cfg, RunDir(run_dir), env_factory, Path(model_dir), train_tasks, eval_tasks, resume, engine, progress,
                               sharded_trainer))
@@ -82,9 +85,8 @@ async def _train(cfg: TrainConfig, run: RunDir, env_factory: Callable[[], Episod
         trainer = sharded_trainer
 
     def save_checkpoint(state: LoopState) -> None:
-        if isinstance(trainer, RankZeroTrainer):  # the sharded optimizer is not checkpointed yet: the gathered model only
-            trainer.save_pretrained(run.path / "model")
-            tokenizer.save_pretrained(run.path / "model")
+        if isinstance(trainer, RankZeroTrainer):  # gathered from the shards of every rank
+            trainer.save_checkpoint(run, tokenizer, state)
         else:
             run.save_checkpoint(model, tokenizer, trainer.state_dict(), state)
     engine = given_engine or await start_engine(cfg.engine, model_dir, seed=cfg.schedule.seed, version=state.policy_version)
@@ -165,7 +167,7 @@ async def _train(cfg: TrainConfig, run: RunDir, env_factory: Callable[[], Episod
             if stop.is_set():
                 raise Interrupted
     except Interrupted:
-        print(f"\ninterrupted: saving a checkpoint of iteration {state.iteration} in {run.path}", flush=True)
+        print(f"\ninterrupted: saving a checkpoint of iteration {state.iteration} in {run.checkpoint_path}", flush=True)
         save_checkpoint(state)
     finally:
         bar.close()

@@ -87,11 +87,14 @@ class RunDir:
     # -- checkpoints ------------------------------------------------------------------------------
 
     def save_checkpoint(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, trainer_state: dict[str, Any],
-                        state: LoopState) -> None:
-        """Write a complete checkpoint next to the old one, then swap it in (a crash never leaves half a checkpoint)."""
+                        state: LoopState, *, weights: dict[str, torch.Tensor] | None = None) -> None:
+        """Write a complete checkpoint next to the old one, then swap it in (a crash never leaves half a checkpoint).
+
+        `weights`: the model's full weights when its own are shards (FSDP2), else its state dict is saved.
+        """
         staging = self.path / "checkpoint.tmp"
         shutil.rmtree(staging, ignore_errors=True)
-        model.save_pretrained(staging / "model")
+        model.save_pretrained(staging / "model", state_dict=weights)
         tokenizer.save_pretrained(staging / "model")
         torch.save(trainer_state, staging / "trainer.pt")
         (staging / "loop.json").write_text(state.model_dump_json() + "\n", encoding="utf-8")
