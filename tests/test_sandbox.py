@@ -459,3 +459,13 @@ def test_invalid_limits_are_rejected() -> None:
         PythonSandbox(timeout_s=0)
     with pytest.raises(ValueError, match="isolation"):
         PythonSandbox(isolation="docker")  # type: ignore[arg-type]
+
+
+def test_import_paths_under_the_scratch_directory_stay_visible(tmp_path) -> None:
+    # A virtualenv under /tmp (a CI checkout, say) must not vanish under the sandbox's fresh /tmp.
+    assert str(tmp_path).startswith("/tmp/")
+    (tmp_path / "pkgs").mkdir()
+    (tmp_path / "pkgs" / "answer_module.py").write_text("ANSWER = 42\n")
+    with PythonSandbox(import_paths=[str(tmp_path / "pkgs")]) as sandbox:
+        result = sandbox.run("import answer_module\nprint(answer_module.ANSWER)\nopen('note.txt', 'w').write('scratch is writable')")
+    assert (result.stdout, result.stderr) == ("42\n", "")

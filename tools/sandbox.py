@@ -5,7 +5,8 @@ Isolation (the default, `isolation="bwrap"`) uses bubblewrap and the kernel's ow
 - new PID, network, IPC, UTS and cgroup namespaces: the program sees only its own processes, has
   no network (not even the host's loopback), and when its PID 1 dies the kernel kills the rest;
 - a fresh root file system: the Python install, its site-packages and /usr read-only, a private
-  /proc and /dev, and an empty size-capped tmpfs at /tmp (the working directory) and /dev/shm.
+  /proc and /dev, and an empty size-capped tmpfs at /tmp (the working directory) and /dev/shm
+  (a Python install under /tmp, e.g. a CI checkout's virtualenv, is bound inside that tmpfs).
   Nothing else of the host is visible: no /etc, no home directories, no project files;
 - the first program inside drops to the unprivileged host uid 65534 with `setpriv` (no
   capabilities, no new privileges). A user namespace alone would not do: run as root, it maps the
@@ -263,16 +264,20 @@ class PythonSandbox:
     def _bwrap_argv(self, python: list[str]) -> list[str]:
         scratch_bytes = str(self.scratch_mb << 20)
         interpreter_dir = os.path.dirname(os.path.realpath(sys.executable))
+        read_only = sorted({os.path.realpath(p) for p in [sys.base_prefix, interpreter_dir, *self.import_paths] if os.path.isdir(p)})
+        inside_scratch = [p for p in read_only if p.startswith(_SCRATCH + "/")]  # e.g. a virtualenv under /tmp
+        outside_scratch = [p for p in read_only if p not in inside_scratch]
         argv = [
             shutil.which("bwrap") or "bwrap",
             *_NAMESPACES,
             "--die-with-parent",
             "--new-session",
-            *_root_filesystem([sys.base_prefix, interpreter_dir, *self.import_paths]),
+            *_root_filesystem(outside_scratch),
             "--proc", "/proc",
             "--dev", "/dev",
             "--perms", "1777", "--size", scratch_bytes, "--tmpfs", "/dev/shm",
             "--perms", "1777", "--size", scratch_bytes, "--tmpfs", _SCRATCH,
+            *_read_only_binds(inside_scratch, existing=[_SCRATCH]),  # after the tmpfs, which would hide them
             "--chdir", _SCRATCH,
             "--clearenv",
         ]  # fmt: skip
@@ -548,20 +553,25 @@ def _python_argv(limits: _RunnerLimits, import_paths: Sequence[str]) -> list[str
 
 
 def _root_filesystem(read_only: Sequence[str]) -> list[str]:
-    """bwrap arguments for a fresh root: /usr and `read_only` directories bound read-only.
-
-    Parent directories are created world-traversable: on the host they may be private (/root is
-    0700) and the program runs as nobody.
-    """
+    """bwrap arguments for a fresh root: /usr and the `read_only` directories (real paths) bound read-only."""
     argv = ["--ro-bind", "/usr", "/usr"]
     for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64"):
         if os.path.islink(top):
             argv += ["--symlink", os.readlink(top), top]
         elif os.path.isdir(top):
             argv += ["--ro-bind", top, top]
-    paths = sorted({os.path.realpath(p) for p in read_only if os.path.isdir(p)})
-    bound = ["/usr"]
-    made: set[str] = set()
+    return argv + _read_only_binds(read_only, covered=["/usr"])
+
+
+def _read_only_binds(paths: Sequence[str], *, covered: Sequence[str] = (), existing: Sequence[str] = ()) -> list[str]:
+    """bwrap arguments binding each of `paths` read-only, unless a `covered` bind (or an earlier path) holds it.
+
+    Parent directories are created world-traversable: on the host they may be private (/root is
+    0700) and the program runs as nobody. The `existing` directories (mount points) are left as they are.
+    """
+    argv: list[str] = []
+    bound = list(covered)
+    made = {*covered, *existing}
     for path in paths:
         if any(path == b or path.startswith(b + "/") for b in bound):
             continue
