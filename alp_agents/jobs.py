@@ -35,12 +35,12 @@ from alp_agents.evaluation import RolloutStats, rollout_stats
 from alp_agents.rollout import EpisodeEnv, RolloutLimits, collect
 from alp_agents.tiny import build_tiny_model
 from alp_agents.trajectory import Trajectory, write_trajectories
-from alp_agents.trainers.distributed import (DistributedALPTrainer, RankZeroTrainer, broadcast_from_rank0, follow_rank_zero,
-                                             training_device)
+from alp_agents.trainers.distributed import DistributedALPTrainer, RankZeroTrainer, broadcast_from_rank0, follow_rank_zero
 from alp_agents.trainers.loop import train
 from alp_agents.trainers.run_config import DataSection, EnvSection, ModelSection, TrainConfig
 from alp_agents.trainers.run_dir import RunDir
 from alp_agents.trainers.sft import SFTConfig, run_sft
+from alp_agents.trainers.trainer import load_policy
 
 
 def env_factory(section: EnvSection) -> Callable[[], EpisodeEnv]:
@@ -114,8 +114,7 @@ def train_on_ranks(cfg: TrainConfig, run_dir: Path, *, resume: bool) -> list[dic
             model_dir, trainer_state, _ = RunDir(run_dir).load_checkpoint()
         else:
             model_dir = broadcast_from_rank0(resolve_model(cfg.model, run_dir) if dist.get_rank() == 0 else None)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(training_device())
-        trainer = DistributedALPTrainer(model, cfg.trainer)
+        trainer = DistributedALPTrainer(load_policy(model_dir), cfg.trainer)
         if resume:
             trainer.load_state_dict(trainer_state)
         if dist.get_rank() != 0:
@@ -148,13 +147,13 @@ def sft(model_dir: Path, demos: Path, out: Path, cfg: SFTConfig) -> list[dict[st
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     demonstrations = read_demonstrations(demos)
+    pad_token_id = tokenizer.pad_token_id or 0
     history = []
     if cfg.schema_free_epochs:
         schema_free = [tokenize_demonstration(tokenizer, demo.model_copy(update={"tools": []})) for demo in demonstrations]
-        history += run_sft(model, schema_free, cfg.model_copy(update={"epochs": cfg.schema_free_epochs}),
-                           pad_token_id=tokenizer.pad_token_id or 0)
+        history += run_sft(model, schema_free, cfg.model_copy(update={"epochs": cfg.schema_free_epochs}), pad_token_id=pad_token_id)
     examples = [tokenize_demonstration(tokenizer, demo) for demo in demonstrations]
-    history += run_sft(model, examples, cfg, pad_token_id=tokenizer.pad_token_id or 0)
+    history += run_sft(model, examples, cfg, pad_token_id=pad_token_id)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     (Path(out) / "sft_metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in history), encoding="utf-8")

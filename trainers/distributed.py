@@ -37,7 +37,6 @@ import fnmatch
 import json
 import logging
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -57,7 +56,7 @@ from alp_agents.trajectory import Trajectory
 from alp_agents.trainers.batching import collate
 from alp_agents.trainers.run_dir import LoopState, RunDir
 from alp_agents.trainers.perturbation import find_decoder_layers
-from alp_agents.trainers.trainer import ALPTrainer, TrainerConfig
+from alp_agents.trainers.trainer import ALPTrainer, TrainerConfig, load_policy, training_device
 
 logger = logging.getLogger(__name__)
 
@@ -189,10 +188,17 @@ class DistributedALPTrainer:
         Same contract as ALPTrainer.policy_state_dict: no perturbation parameter, and a tied weight
         appears once, under its first name.
         """
-        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return self.untied(self._full_weights())
+
+    def untied(self, full_weights: dict[str, Tensor]) -> dict[str, Tensor]:
+        """`full_weights` with each tied weight once, under its first name (what the engine and save_pretrained take)."""
         every_name = {name for name, _ in self.model.named_parameters(remove_duplicate=False)}
         tied = every_name - {name for name, _ in self.model.named_parameters()}
-        return {name: tensor for name, tensor in full.items() if name not in tied}
+        return {name: tensor for name, tensor in full_weights.items() if name not in tied}
+
+    def _full_weights(self) -> dict[str, Tensor]:
+        """The model's full state dict on CPU, gathered from the shards ({} off rank 0); collective."""
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def save_pretrained(self, out_dir: str | Path) -> None:
         """Write the full policy as a Hugging Face model directory from rank 0; call it on every rank."""
@@ -209,7 +215,7 @@ class DistributedALPTrainer:
         rank 0's state is everyone's.)
         """
         state = self.trainer.state_dict()
-        full_model = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        full_model = self._full_weights()
         optimizer = state["optimizer"]
         full_state = {
             index: {key: value.full_tensor().cpu() if isinstance(value, DTensor) else value for key, value in moments.items()}
@@ -342,8 +348,8 @@ class RankZeroTrainer:
     def save_checkpoint(self, run: RunDir, tokenizer: PreTrainedTokenizerBase, state: LoopState) -> None:
         """The same checkpoint as one process writes (full weights, full optimizer state), from rank 0."""
         broadcast_from_rank0(("checkpoint", None))
-        trainer_state, weights = self.trainer.state_dict(), self.trainer.policy_state_dict()
-        run.save_checkpoint(self.trainer.model, tokenizer, trainer_state, state, weights=weights)
+        trainer_state = self.trainer.state_dict()  # one gather of the weights serves both files
+        run.save_checkpoint(self.trainer.model, tokenizer, trainer_state, state, weights=self.trainer.untied(trainer_state["model"]))
 
     def release_followers(self) -> None:
         """Tell the other ranks the run is over (call it once, at the end, whatever happened)."""
@@ -363,7 +369,6 @@ def follow_rank_zero(trainer: DistributedALPTrainer) -> None:
             trainer.policy_state_dict()
         elif call == "checkpoint":
             trainer.state_dict()
-            trainer.policy_state_dict()
 
 
 def balanced_groups(trajectories: Sequence[Trajectory], world_size: int) -> list[Trajectory]:
@@ -403,17 +408,17 @@ def main(
     bf16: Annotated[bool, typer.Option(help="Compute in bfloat16 (weights, gradient reduction, optimizer stay float32).")] = False,
 ) -> None:
     """Run ALP updates on a trajectory file across the ranks of torchrun; rank 0 prints one JSON line of metrics per step."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from alp_agents.config import load_config
     from alp_agents.trajectory import read_trajectories
 
     cfg = load_config(TrainerConfig, config, set_ or [])
-    device = training_device()
+    training_device()  # this rank's GPU is set before NCCL starts
     dist.init_process_group()  # gloo for CPU tensors, NCCL for CUDA ones
     try:
         rank, world_size = dist.get_rank(), dist.get_world_size()
-        policy = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).to(device)
+        policy = load_policy(model)
         trainer = DistributedALPTrainer(policy, cfg, param_dtype=torch.bfloat16 if bf16 else None)
         mine = shard_batch(read_trajectories(trajectories), rank=rank, world_size=world_size)
         for step in range(1, steps + 1):
@@ -426,15 +431,6 @@ def main(
                 AutoTokenizer.from_pretrained(model).save_pretrained(out)
     finally:
         dist.destroy_process_group()
-
-
-def training_device() -> torch.device:
-    """This process's GPU (torchrun's LOCAL_RANK, 0 without torchrun) when there are GPUs, else the CPU."""
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    torch.cuda.set_device(local_rank)
-    return torch.device("cuda", local_rank)
 
 
 if __name__ == "__main__":

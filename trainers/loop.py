@@ -34,15 +34,15 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from alp_agents.engines import OpenAIServerEngine, VLLMEngine
-from alp_agents.engines.base import InferenceEngine, SamplingConfig
+from alp_agents.engines.base import InferenceEngine
 from alp_agents.evaluation import rollout_stats
 from alp_agents.plots import plot_run
 from alp_agents.rollout import EpisodeEnv, collect
 from alp_agents.trajectory import Trajectory
 from alp_agents.trainers.run_config import EngineSection, TrainConfig
 from alp_agents.trainers.run_dir import LoopState, RunDir
-from alp_agents.trainers.distributed import RankZeroTrainer, training_device
-from alp_agents.trainers.trainer import ALPTrainer
+from alp_agents.trainers.distributed import RankZeroTrainer
+from alp_agents.trainers.trainer import ALPTrainer, load_policy
 
 T = TypeVar("T")
 
@@ -77,7 +77,7 @@ async def _train(cfg: TrainConfig, run: RunDir, env_factory: Callable[[], Episod
         run.write_config(cfg)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if sharded_trainer is None:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(training_device())
+        model = load_policy(model_dir)
         trainer: ALPTrainer | RankZeroTrainer = ALPTrainer(model, cfg.trainer)
         if trainer_state is not None:
             trainer.load_state_dict(trainer_state)

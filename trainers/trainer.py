@@ -25,14 +25,17 @@ import copy
 import hashlib
 import logging
 import math
+import os
 from collections.abc import Sequence
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from pydantic import Field, ValidationInfo, field_validator
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from alp_agents.config import Config
 from alp_agents.errors import ConfigError, TrajectoryError
@@ -331,14 +334,30 @@ def noise_seed(*parts: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+def training_device() -> torch.device:
+    """This process's GPU (torchrun's LOCAL_RANK, 0 without torchrun) when there are GPUs, else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def load_policy(model_dir: str | Path) -> PreTrainedModel:
+    """A Hugging Face causal LM to train: float32 weights on `training_device()`."""
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(training_device())
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def _rank() -> int:
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    return torch.distributed.get_rank() if distributed else 0
+    return torch.distributed.get_rank() if _distributed() else 0
 
 
 def _world_size() -> int:
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    return torch.distributed.get_world_size() if distributed else 1
+    return torch.distributed.get_world_size() if _distributed() else 1
 
 
 def _sum_over_ranks(value: int, device: torch.device) -> int:
