@@ -40,7 +40,7 @@ from alp_agents.trainers.loop import train
 from alp_agents.trainers.run_config import DataSection, EnvSection, ModelSection, TrainConfig
 from alp_agents.trainers.run_dir import RunDir
 from alp_agents.trainers.sft import SFTConfig, run_sft
-from alp_agents.trainers.trainer import load_policy
+from alp_agents.trainers.trainer import load_policy, training_device
 
 
 def env_factory(section: EnvSection) -> Callable[[], EpisodeEnv]:
@@ -108,6 +108,7 @@ def train_on_ranks(cfg: TrainConfig, run_dir: Path, *, resume: bool) -> list[dic
     if not cfg.engine.servers:
         raise ConfigError("alp train under torchrun needs its rollouts on vLLM servers: pass --server URL (engine.servers); "
                           "one in-process engine per rank would each sample and take the weights")
+    training_device()  # this rank's GPU is set before NCCL starts: the first broadcast below already runs on it
     dist.init_process_group()  # gloo for CPU tensors, NCCL for CUDA ones
     try:
         if resume:  # every rank reads the checkpoint (one node, or a file system the nodes share)
