@@ -8,7 +8,15 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from alp_agents.trainers.losses import PolicyLossConfig, aggregate, importance_weights, k3_kl, loss_units, policy_loss
+from alp_agents.trainers.losses import (
+    PolicyLossConfig,
+    aggregate,
+    importance_weights,
+    k3_kl,
+    loss_units,
+    mis_rejected,
+    policy_loss,
+)
 
 
 def tensors(*rows: list[float]) -> torch.Tensor:
@@ -136,6 +144,43 @@ def test_tis_truncates_and_mis_masks_the_correction_weight():
     sequence = PolicyLossConfig(correction_level="sequence")
     torch.testing.assert_close(importance_weights(old, infer, mask, sequence, kind="tis"), tensors([2.0]))  # 3 * 0.5 * 1.5 = 2.25
     torch.testing.assert_close(importance_weights(old, infer, mask, sequence, kind="mis"), tensors([0.0]))
+
+
+def test_geometric_correction_is_one_weight_per_sequence_from_the_mean_log_ratio():
+    old = tensors([math.log(3.0), math.log(0.5), math.log(1.5), 7.0], [math.log(4.0), math.log(4.0), 0.0, 0.0])
+    infer = torch.zeros(2, 4, dtype=torch.float64)
+    mask = tensors([1, 1, 1, 0], [1, 1, 0, 0])
+    cfg = PolicyLossConfig(correction_level="geometric", correction_low=0.5, correction_high=2.0)
+    first = 2.25 ** (1 / 3)  # (3 * 0.5 * 1.5)^(1/3): the masked 7.0 is ignored
+    torch.testing.assert_close(importance_weights(old, infer, mask, cfg, kind="tis"), tensors([first], [2.0]))  # 4 -> cap 2
+    torch.testing.assert_close(importance_weights(old, infer, mask, cfg, kind="mis"), tensors([first], [0.0]))  # 4 rejected
+    assert mis_rejected(old, infer, mask, cfg).tolist() == [[False] * 4, [True, True, False, False]]
+    clamped = PolicyLossConfig(correction_level="geometric", log_ratio_clamp=1.0, correction_high=100.0)
+    torch.testing.assert_close(importance_weights(old, infer, mask, clamped, kind="tis"), tensors([first], [math.e]))  # log 4 > C
+
+
+@pytest.mark.parametrize("in_denominator", [True, False])
+def test_mis_rejected_tokens_leave_the_denominator_only_when_asked(in_denominator):
+    logprobs = torch.zeros(2, 3, dtype=torch.float64)  # r = 1, A = 1: per-token loss -1 times the weight
+    old = tensors([math.log(3.0), math.log(0.5), math.log(1.5)], [0.0, math.log(4.0), 0.0])
+    infer = torch.zeros(2, 3, dtype=torch.float64)
+    mask = tensors([1, 1, 1], [1, 1, 0]).bool()
+    cfg = PolicyLossConfig(correction_low=0.5, correction_high=2.0, rejected_in_denominator=in_denominator)
+    rejected = mis_rejected(old, infer, mask, cfg)
+    assert rejected.tolist() == [[True, False, False], [False, True, False]]  # w = 3 and w = 4: above 2
+    weights = importance_weights(old, infer, mask, cfg, kind="mis")  # [[0, 0.5, 1.5], [1, 0, -]]
+    kept = mask & ~rejected if not in_denominator else mask
+    loss, _ = policy_loss(logprobs, logprobs, torch.ones(2, dtype=torch.float64), kept, cfg, weights=weights)
+    expected = -(0.5 + 1.5 + 1.0) / (5 if in_denominator else 3)  # 5 loss tokens, 2 of them rejected
+    assert loss.item() == pytest.approx(expected)
+    assert loss_units(kept, "token_mean") == (5 if in_denominator else 3)
+    parts = [slice(0, 1), slice(1, 2)]  # micro-batches weighted by the units of the mask the loss used
+    summed = sum(
+        policy_loss(logprobs[s], logprobs[s], torch.ones(1, dtype=torch.float64), kept[s], cfg, weights=weights[s])[0]
+        * loss_units(kept[s], "token_mean") / loss_units(kept, "token_mean")
+        for s in parts
+    )
+    assert summed.item() == pytest.approx(expected)
 
 
 def test_k3_kl_is_zero_on_equal_policies_and_matches_its_formula():

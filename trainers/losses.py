@@ -5,7 +5,8 @@ algorithms differ only in what they feed in (ALPTrainer picks it from `TrainerCo
 
     ratio r = pi_theta / behavior, with behavior = the engine's mu (alp, bypass) or a recomputed pi_old
     (grpo, tis, mis, gspo); tis/mis multiply the loss by `importance_weights(pi_old, mu)`; gspo is
-    `level="geometric"` with a narrow clip range.
+    `level="geometric"` with a narrow clip range. MIS rejection (`mis_rejected`) either zeroes a
+    token's weight or also removes it from the mask (`rejected_in_denominator`).
 
 The ratio, its clamp and the PPO clip follow the ALP authors' released code; the diagnostics sit beside
 the loss under `no_grad` (CleanRL) and are summarised by `alp_agents.trainers.metrics.loss_metrics`.
@@ -43,12 +44,17 @@ class PolicyLossConfig(Config):
     aggregation: Aggregation = "token_mean"
     """'token_mean': mean over every loss token of the batch; 'sequence_mean': mean over sequences of
     each sequence's token mean (sequences without loss tokens are left out)."""
-    correction_level: Literal["token", "sequence"] = "token"
-    """tis/mis only: the correction weight pi_old / mu per token, or per sequence (product over its tokens)."""
+    correction_level: RatioLevel = "token"
+    """tis/mis/mis_reject: the correction weight pi_old / mu per token, per sequence (product over its
+    loss tokens) or 'geometric' (per sequence, the geometric mean over its loss tokens)."""
     correction_low: float = Field(default=0.5, ge=0.0)
-    """mis only: weights below this are masked to 0."""
+    """mis and mis_reject: weights below this are rejected (masked to 0)."""
     correction_high: float = Field(default=2.0, gt=0.0)
-    """tis: weights are truncated at this cap; mis: weights above it are masked to 0."""
+    """tis: weights are truncated at this cap; mis and mis_reject: weights above it are rejected."""
+    rejected_in_denominator: bool = True
+    """mis and mis_reject: True (the ALP authors' code) keeps a rejected token in the token-mean
+    denominator (it contributes 0); False (verl >= 0.6, slime) removes it from the loss mask, so it
+    leaves the denominator too."""
 
     @model_validator(mode="after")
     def _check_ranges(self) -> PolicyLossConfig:
@@ -151,25 +157,43 @@ def loss_units(mask: Tensor, how: Aggregation) -> int:
     return int(mask.sum()) if how == "token_mean" else int(mask.any(-1).sum())
 
 
+def correction_log_weights(old_logprobs: Tensor, infer_logprobs: Tensor, mask: Tensor, cfg: PolicyLossConfig) -> Tensor:
+    """log w, w = pi_old / mu at `cfg.correction_level`, clamped to [-C, C]; no gradient.
+
+    token: log w_t = old_t - mu_t, shape (B, T); sequence: log w_i = sum_t mask_t (old_t - mu_t),
+    shape (B, 1); geometric: the same divided by max(1, n_i), n_i the sequence's loss tokens.
+    """
+    C = cfg.log_ratio_clamp
+    mask = mask.bool()
+    d = torch.where(mask, old_logprobs - infer_logprobs, 0.0).detach()  # (B, T)
+    if cfg.correction_level != "token":
+        d = d.sum(-1, keepdim=True)  # (B, 1)
+    if cfg.correction_level == "geometric":
+        d = d / mask.sum(-1, keepdim=True).clamp(min=1)
+    return d.clamp(-C, C)
+
+
 def importance_weights(
     old_logprobs: Tensor, infer_logprobs: Tensor, mask: Tensor, cfg: PolicyLossConfig, *, kind: Literal["tis", "mis"]
 ) -> Tensor:
     """Correction w = pi_old / mu for the engine mismatch, truncated (TIS) or masked (MIS); no gradient.
 
-    token level: w_t = exp(clamp(old_t - mu_t, -C, C)), shape (B, T); sequence level: one weight per
-    sequence, w_i = exp(clamp(sum_t mask_t (old_t - mu_t), -C, C)), shape (B, 1). Then
+    w = exp(correction_log_weights(...)): (B, T) at token level, (B, 1) at sequence or geometric level. Then
       tis: w = min(w, correction_high)
       mis: w = w if correction_low <= w <= correction_high else 0
     """
-    C = cfg.log_ratio_clamp
-    d = torch.where(mask.bool(), old_logprobs - infer_logprobs, 0.0).detach()  # (B, T)
-    if cfg.correction_level == "sequence":
-        d = d.sum(-1, keepdim=True)  # (B, 1)
-    w = d.clamp(-C, C).exp()
+    w = correction_log_weights(old_logprobs, infer_logprobs, mask, cfg).exp()
     if kind == "tis":
         return w.clamp(max=cfg.correction_high)
     inside = (w >= cfg.correction_low) & (w <= cfg.correction_high)
     return torch.where(inside, w, 0.0)
+
+
+def mis_rejected(old_logprobs: Tensor, infer_logprobs: Tensor, mask: Tensor, cfg: PolicyLossConfig) -> Tensor:
+    """(B, T) bool: the loss tokens MIS rejects, i.e. whose weight (token, or their sequence's) is outside [low, high]."""
+    w = correction_log_weights(old_logprobs, infer_logprobs, mask, cfg).exp()  # (B, T) or (B, 1)
+    outside = (w < cfg.correction_low) | (w > cfg.correction_high)
+    return mask.bool() & outside
 
 
 def k3_kl(logprobs: Tensor, ref_logprobs: Tensor, *, clamp: float = 20.0) -> Tensor:
