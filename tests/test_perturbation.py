@@ -3,6 +3,7 @@ layer inputs, gradients reaching log_sigma, identical recompute, nothing exporte
 
 from __future__ import annotations
 
+import copy
 import hashlib
 
 import pytest
@@ -201,3 +202,48 @@ def test_calibrate_sets_sigma_relative_to_each_input_rms(qwen2):
     logits_rms = LayerPerturbation(qwen2, layers="logits").calibrate(input_ids, attention_mask, relative_sigma=0.01)
     handle.remove()
     torch.testing.assert_close(logits_rms, final[0][real].pow(2).mean().sqrt()[None])
+
+
+def test_zero_sigma_is_exactly_no_noise_and_learns_nothing(qwen2):
+    input_ids, attention_mask = batch(qwen2.config.vocab_size)
+    plain = qwen2(input_ids=input_ids, attention_mask=attention_mask).logits
+    perturbation = LayerPerturbation(qwen2, init_sigma=0.0)
+    assert torch.isneginf(perturbation.log_sigma).all() and torch.equal(perturbation.sigmas(), torch.zeros(4))
+    with perturbation.active(seed=3):
+        noisy = qwen2(input_ids=input_ids, attention_mask=attention_mask).logits
+        noisy.log_softmax(-1)[..., 7].sum().backward()
+    assert torch.equal(noisy, plain)  # h + 0 * eps == h, bit for bit
+    assert torch.equal(perturbation.log_sigma.grad, torch.zeros(4))  # sigma * <grad, eps> = 0: no NaN
+    with pytest.raises(ConfigError, match="init_sigma"):
+        LayerPerturbation(qwen2, init_sigma=-1.0)
+
+
+def shifted_embeddings(model, shift: float = 0.01):
+    """The 'engine copy': a deepcopy whose input embeddings are all shifted by `shift`, so layer 0's input differs by it."""
+    engine = copy.deepcopy(model)
+    with torch.no_grad():
+        engine.get_input_embeddings().weight.add_(shift)
+    return engine
+
+
+def test_calibrate_to_recovers_a_known_engine_error(qwen2):
+    input_ids, attention_mask = batch(qwen2.config.vocab_size)
+    perturbation = LayerPerturbation(qwen2, init_sigma=1.0)
+    error = perturbation.calibrate_to(shifted_embeddings(qwen2), input_ids, attention_mask, scale=0.5)
+    assert error[0].item() == pytest.approx(0.01, rel=1e-6)  # layer 0 reads the embeddings: off by exactly 0.01
+    assert (error[1:] > 0).all()  # the shift propagates to every later layer
+    torch.testing.assert_close(perturbation.sigmas(), 0.5 * error)
+    bf16 = perturbation.calibrate_to(copy.deepcopy(qwen2).to(torch.bfloat16), input_ids, attention_mask, scale=1.0)
+    assert (bf16 > 0).all() and torch.isfinite(bf16).all()  # another dtype: compared in float32
+
+
+def test_calibrate_to_floors_a_point_the_engine_reproduces_exactly(qwen2):
+    input_ids, attention_mask = batch(qwen2.config.vocab_size)
+    real = attention_mask.bool()
+    rms = torch.stack([h[real].pow(2).mean().sqrt() for h in layer_inputs(qwen2, input_ids, attention_mask)])
+    perturbation = LayerPerturbation(qwen2, init_sigma=1.0)
+    error = perturbation.calibrate_to(copy.deepcopy(qwen2), input_ids, attention_mask, scale=2.0)
+    assert torch.equal(error, torch.zeros(4))
+    torch.testing.assert_close(perturbation.sigmas(), 2.0 * 1e-8 * rms)  # finite log(sigma), not -inf
+    logits = LayerPerturbation(qwen2, layers="logits", init_sigma=1.0)
+    assert logits.calibrate_to(shifted_embeddings(qwen2), input_ids, attention_mask, scale=1.0).shape == (1,)

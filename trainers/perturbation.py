@@ -15,13 +15,14 @@ reseeds a `torch.Generator` with (seed, layer) before drawing, so a recompute of
 
 Hidden-state scale differs by orders of magnitude between layers (the first layer reads the raw
 embeddings; ../shared/notes/alp-at-tiny-scale.md), so an absolute sigma perturbs layers very
-unequally. `calibrate` sets each sigma to a fraction of the RMS of that layer's measured input.
+unequally. `calibrate` sets each sigma to a fraction of the RMS of that layer's measured input;
+`calibrate_to` sets it to a multiple of the measured difference between the engine's copy of the
+model and the model itself at that layer (the engine's own error there).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
 
@@ -35,6 +36,9 @@ LayerSelection = Literal["all", "early", "middle", "late", "logits"] | list[int]
 """Which points get noise: every layer, a third of them, explicit indices, or only the final hidden state."""
 
 THIRDS = ("early", "middle", "late")
+
+CALIBRATION_FLOOR = 1e-8
+"""`calibrate_to` floors a point's measured engine error at this fraction of the point's RMS, so sigma is never 0."""
 
 
 def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -92,8 +96,8 @@ class LayerPerturbation:
     """
 
     def __init__(self, model: nn.Module, *, layers: LayerSelection = "all", init_sigma: float = 1e-2) -> None:
-        if not init_sigma > 0:
-            raise ConfigError(f"init_sigma={init_sigma}: the noise scale must be positive (it is learned as log(sigma))")
+        if not init_sigma >= 0:
+            raise ConfigError(f"init_sigma={init_sigma}: the noise scale must be >= 0 (0 fixes sigma at exactly 0)")
         decoder_layers = find_decoder_layers(model)
         self.model = model
         """The model the hooks are attached to (held only to run `calibrate`)."""
@@ -104,8 +108,10 @@ class LayerPerturbation:
         self.names = ["logits"] if self.on_logits else [f"layer_{i}" for i in self.layer_indices]
         """One name per perturbed point, in the order of `log_sigma` (used in metric names)."""
         device = next(model.parameters()).device
-        self.log_sigma = nn.Parameter(torch.full((len(self.names),), math.log(init_sigma), device=device))
-        """s_l, one per point: sigma_l = exp(s_l). Float32, on the model's device, trained by the RL loss."""
+        self.log_sigma = nn.Parameter(torch.full((len(self.names),), float(init_sigma), device=device).log())
+        """s_l, one per point: sigma_l = exp(s_l). Float32, on the model's device, trained by the RL loss.
+        init_sigma = 0 gives s_l = -inf: the noise is h + 0 * eps = h exactly, and the gradient of s_l is
+        sigma_l * <grad, eps> = 0, so AdamW leaves it at -inf (sigma stays 0, nothing is learned)."""
         self._seed: int | None = None
         self._sigmas: tuple[Tensor, ...] = ()
         self._generators: dict[torch.device, torch.Generator] = {}
@@ -151,18 +157,58 @@ class LayerPerturbation:
         point perturbs (a layer's input, or the last layer's output for `logits`), without noise.
         """
         rms = torch.zeros(len(self.names), device=self.log_sigma.device)
-        real = attention_mask.bool()
 
-        def record(point: int, hidden: Tensor) -> None:
-            rms[point] = hidden[real].float().pow(2).mean().sqrt()
+        def measure(point: int, hidden: Tensor) -> None:
+            rms[point] = _rms(hidden)
+
+        self._visit_points(self.model, input_ids, attention_mask, measure)
+        self.log_sigma.copy_((relative_sigma * rms).log())
+        return rms
+
+    @torch.no_grad()
+    def calibrate_to(self, reference: nn.Module, input_ids: Tensor, attention_mask: Tensor, *, scale: float) -> Tensor:
+        """Set sigma_l = scale * RMS(h_l(reference) - h_l(model)) on real tokens of this batch; return that RMS per point.
+
+        `reference` is the model as the inference engine serves it (e.g. fake-quantised or cast to
+        bfloat16; any dtype and device: both sides are compared in float32), so sigma_l starts at the
+        engine's own error at point l. A point where the two agree exactly (e.g. layer 0 when only
+        matmul weights are quantised) would get sigma 0, log(sigma) = -inf for good: its difference
+        is floored at CALIBRATION_FLOOR * RMS(h_l) for sigma (the returned value is the measured one).
+        Holds this batch's hidden states at every point of the model at once (one forward's worth).
+        """
+        ours: list[Tensor] = [torch.empty(0)] * len(self.names)
+        difference = torch.zeros(len(self.names), device=self.log_sigma.device)
+        floor = torch.zeros(len(self.names), device=self.log_sigma.device)
+
+        def keep(point: int, hidden: Tensor) -> None:
+            ours[point] = hidden
+            floor[point] = CALIBRATION_FLOOR * _rms(hidden)
+
+        def compare(point: int, hidden: Tensor) -> None:
+            difference[point] = _rms(hidden.to(ours[point].device) - ours[point])
+            ours[point] = torch.empty(0)  # free it as soon as it is used
+
+        self._visit_points(self.model, input_ids, attention_mask, keep)
+        self._visit_points(reference, input_ids, attention_mask, compare)
+        self.log_sigma.copy_((scale * torch.maximum(difference, floor)).log())
+        return difference
+
+    def _visit_points(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor, visit: Callable[[int, Tensor], None]) -> None:
+        """One noise-free forward of `model` calling `visit(point, hidden)` at each of this perturbation's points.
+
+        `hidden` holds the real tokens only, in float32, (tokens, H). `model` is this perturbation's
+        model or a copy of it (same architecture, so the same layer indices), on any device.
+        """
+        device = next(model.parameters()).device
+        real = attention_mask.bool().to(device)
 
         def on_input(point: int) -> Any:  # pre-hook of a decoder layer
-            return lambda module, args, kwargs: record(point, _hidden_states(module, args, kwargs))
+            return lambda module, args, kwargs: visit(point, _hidden_states(module, args, kwargs)[real].float())
 
         def on_output(point: int) -> Any:  # forward hook of the last decoder layer (`logits`)
-            return lambda module, args, output: record(point, _first_tensor(output))
+            return lambda module, args, output: visit(point, _first_tensor(output)[real].float())
 
-        layers = find_decoder_layers(self.model)
+        layers = find_decoder_layers(model)
         handles = [
             layers[index].register_forward_hook(on_output(point))
             if self.on_logits
@@ -170,12 +216,10 @@ class LayerPerturbation:
             for point, index in enumerate(self.layer_indices)
         ]
         try:
-            self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            model.get_decoder()(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
         finally:
             for handle in handles:
                 handle.remove()
-        self.log_sigma.copy_((relative_sigma * rms).log())
-        return rms
 
     def remove(self) -> None:
         """Detach the hooks; the model is then exactly as it was before this object existed."""
@@ -241,6 +285,11 @@ def _hidden_states(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, A
     if "hidden_states" in kwargs:
         return kwargs["hidden_states"]
     raise ModelError(f"{type(module).__name__} was called without hidden states as its first argument or `hidden_states=`")
+
+
+def _rms(values: Tensor) -> Tensor:
+    """Root mean square of every element (0-d)."""
+    return values.pow(2).mean().sqrt()
 
 
 def _first_tensor(output: Any) -> Tensor:
