@@ -22,6 +22,8 @@ DOCUMENTED = [  # every step reports at least these (README metrics table)
     "mismatch/log_ratio_std", "mismatch/prob_pearson", "mismatch/prob_abs_diff_mean", "mismatch/prob_abs_diff_max",
     "adv/mean", "adv/std", "adv/groups", "adv/constant_groups", "entropy/mean", "grad/policy_norm", "grad/policy_norm_max",
     "perf/tokens", "perf/sequences", "perf/skipped_updates",
+    "mismatch/token_p1", "mismatch/token_p99", "mismatch/max_abs_log_ratio", "mismatch/seq_p2", "mismatch/seq_p98",
+    "mismatch/seq_log_width", "mismatch/sample_nll", "loss_seq/p1", "loss_seq/p50", "loss_seq/p99", "loss_seq/log_width",
 ]  # fmt: skip
 
 
@@ -81,6 +83,7 @@ def test_every_algo_steps_and_reports_finite_documented_metrics(algo, load):
     assert metrics["perf/skipped_updates"] == 0
     assert any(not torch.equal(p, before[name]) for name, p in model.named_parameters())
     assert ("sigma/mean" in metrics) == (algo == "alp")
+    assert ("correction/rejected_fraction" in metrics) == (algo == "mis")
 
 
 def test_rewarded_episodes_become_more_likely(load):

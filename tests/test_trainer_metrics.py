@@ -10,6 +10,7 @@ import torch
 from alp_agents.trainers import GroupAdvantages, LossDiagnostics
 from alp_agents.trainers.metrics import (
     QUANTILES,
+    TAIL_QUANTILES,
     advantage_metrics,
     loss_metrics,
     mismatch_metrics,
@@ -57,7 +58,7 @@ def test_loss_metrics_pool_the_loss_tokens_of_every_micro_batch():
 
 def test_mismatch_metrics_are_neutral_for_identical_policies():
     logprobs = torch.tensor([-0.1, -2.0, -0.7, -3.0])
-    metrics = mismatch_metrics(logprobs, logprobs.clone())
+    metrics = mismatch_metrics(logprobs, logprobs.clone(), torch.tensor([4]))
     assert metrics["mismatch/k1"] == metrics["mismatch/k3"] == metrics["mismatch/chi2"] == 0.0
     assert metrics["mismatch/ess"] == pytest.approx(1.0) and metrics["mismatch/prob_pearson"] == pytest.approx(1.0)
     assert metrics["mismatch/prob_abs_diff_max"] == 0.0 and metrics["mismatch/log_ratio_std"] == 0.0
@@ -66,7 +67,7 @@ def test_mismatch_metrics_are_neutral_for_identical_policies():
 def test_mismatch_metrics_of_a_known_pair():
     train = torch.tensor([math.log(0.4), math.log(0.3)])
     infer = torch.tensor([math.log(0.2), math.log(0.3)])  # r = [2, 1]
-    metrics = mismatch_metrics(train, infer)
+    metrics = mismatch_metrics(train, infer, torch.tensor([1, 1]))
     assert metrics["mismatch/k1"] == pytest.approx(-math.log(2.0) / 2)
     assert metrics["mismatch/k3"] == pytest.approx((1.0 - math.log(2.0)) / 2)
     assert metrics["mismatch/chi2"] == pytest.approx(0.5)
@@ -74,7 +75,36 @@ def test_mismatch_metrics_of_a_known_pair():
     assert metrics["mismatch/prob_abs_diff_mean"] == pytest.approx(0.1)
     assert metrics["mismatch/prob_abs_diff_max"] == pytest.approx(0.2)
     assert metrics["mismatch/prob_pearson"] == pytest.approx(-1.0)  # 0.4 -> 0.3 falls where 0.2 -> 0.3 rises
-    assert all(math.isnan(v) for v in mismatch_metrics(torch.empty(0), torch.empty(0)).values())
+    assert all(math.isnan(v) for v in mismatch_metrics(torch.empty(0), torch.empty(0), torch.tensor([], dtype=torch.long)).values())
+
+
+def test_mismatch_tail_and_sequence_metrics_of_known_sequences():
+    # three sequences: d = [ln 2, ln 2] (S = ln 4), d = [0] (S = 0), d = [-ln 2] (S = -ln 2), and one without loss tokens
+    infer = torch.tensor([-1.0, -2.0, -3.0, -0.5], dtype=torch.float64)
+    train = infer + torch.tensor([math.log(2.0), math.log(2.0), 0.0, -math.log(2.0)], dtype=torch.float64)
+    metrics = mismatch_metrics(train, infer, torch.tensor([2, 0, 1, 1]))
+    S = torch.tensor([math.log(4.0), 0.0, -math.log(2.0)], dtype=torch.float64)
+    d = torch.tensor([math.log(2.0), math.log(2.0), 0.0, -math.log(2.0)], dtype=torch.float64)
+    for q in TAIL_QUANTILES:  # quantiles interpolated in log space: exp(quantile of the log-ratio)
+        assert metrics[f"mismatch/seq_p{q}"] == pytest.approx(math.exp(torch.quantile(S, q / 100).item()))
+        assert metrics[f"mismatch/token_p{q}"] == pytest.approx(math.exp(torch.quantile(d, q / 100).item()))
+    assert metrics["mismatch/seq_p50"] == pytest.approx(1.0)
+    assert metrics["mismatch/seq_log_width"] == pytest.approx(math.log(metrics["mismatch/seq_p98"] / metrics["mismatch/seq_p2"]))
+    assert metrics["mismatch/max_abs_log_ratio"] == pytest.approx(math.log(2.0))
+    assert metrics["mismatch/sample_nll"] == pytest.approx((1.0 + 2.0 + 3.0 + 0.5) / 4)
+    with pytest.raises(ValueError, match="lengths"):
+        mismatch_metrics(train, infer, torch.tensor([2, 1]))
+
+
+def test_loss_sequence_ratio_quantiles_sum_each_sequences_masked_log_ratio():
+    first = diagnostics([math.log(2.0), math.log(2.0), 9.0], [True, True, False], [False] * 3, [False] * 3, [False] * 3)
+    second = diagnostics([math.log(0.5)], [True], [False], [False], [False])
+    empty = diagnostics([5.0], [False], [False], [False], [False])  # no loss tokens: no sequence ratio
+    metrics = loss_metrics([first, second, empty])
+    S = torch.tensor([math.log(4.0), math.log(0.5)], dtype=torch.float64)  # 9.0 is off the mask
+    for q in TAIL_QUANTILES:
+        assert metrics[f"loss_seq/p{q}"] == pytest.approx(math.exp(torch.quantile(S, q / 100).item()))
+    assert metrics["loss_seq/log_width"] == pytest.approx(0.96 * math.log(8.0))
 
 
 def test_advantage_and_sigma_metrics():

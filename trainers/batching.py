@@ -49,8 +49,35 @@ class Batch:
         )
 
 
-def collate(trajectories: Sequence[Trajectory], *, pad_token_id: int = 0, device: torch.device | str | None = None) -> Batch:
-    """Stack trajectories into one right-padded Batch on `device`."""
+def void_turn_mask(trajectory: Trajectory) -> list[bool]:
+    """True on the sampled tokens of the episode's void turns (neither a valid tool call nor an answer).
+
+    Turn k's sampled tokens are the k-th block of `turn.num_sampled_tokens` ones of the loss mask,
+    counted in order: they need not be contiguous in the token ids (a template token the loop
+    inserts inside a turn has mask 0 and is skipped).
+    """
+    owner: list[bool] = []  # owner[j]: is the j-th loss-mask one in a void turn
+    for turn in trajectory.turns:
+        owner += [turn.void] * turn.num_sampled_tokens
+    ones = trajectory.num_sampled_tokens
+    if len(owner) > ones:
+        raise TrajectoryError(
+            f"the turns of this trajectory sampled {len(owner)} tokens in all but its loss mask has only {ones} ones: "
+            "each turn's num_sampled_tokens must count its tokens with loss mask 1"
+        )
+    owner += [False] * (ones - len(owner))  # ones no turn claims are never void
+    it = iter(owner)
+    return [bool(m) and next(it) for m in trajectory.loss_mask]
+
+
+def collate(
+    trajectories: Sequence[Trajectory],
+    *,
+    pad_token_id: int = 0,
+    device: torch.device | str | None = None,
+    mask_void_turns: bool = False,
+) -> Batch:
+    """Stack trajectories into one right-padded Batch on `device`; `mask_void_turns` drops void turns from the loss mask."""
     if not trajectories:
         raise TrajectoryError("cannot train on an empty list of trajectories")
     for i, trajectory in enumerate(trajectories):
@@ -69,7 +96,9 @@ def collate(trajectories: Sequence[Trajectory], *, pad_token_id: int = 0, device
         input_ids[i, :n] = torch.tensor(trajectory.token_ids, dtype=torch.long)
         attention_mask[i, :n] = 1
         loss_mask[i, :n] = torch.tensor(trajectory.loss_mask, dtype=torch.bool)
-        infer_logprobs[i, :n] = torch.tensor(trajectory.infer_logprobs, dtype=torch.float32)
+        if mask_void_turns:
+            loss_mask[i, :n] &= ~torch.tensor(void_turn_mask(trajectory), dtype=torch.bool)
+        infer_logprobs[i, :n] = torch.where(loss_mask[i, :n], torch.tensor(trajectory.infer_logprobs, dtype=torch.float32), 0.0)
     numbering = {g: i for i, g in enumerate(dict.fromkeys(t.group_id for t in trajectories))}
     return Batch(
         input_ids=input_ids.to(device),

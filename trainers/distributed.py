@@ -75,6 +75,7 @@ METRIC_REDUCTIONS: tuple[tuple[str, Reduction], ...] = (
     ("perf/skipped_updates", "same"),  # decided from the global gradient norm: identical on every rank
     ("grad/*", "same"),  # norms of the reduced (global) gradients
     ("sigma/*", "same"),  # log(sigma) is kept in sync
+    ("mismatch/max_abs_log_ratio", "max"),
     ("*/max", "max"),
     ("*_max", "max"),
     ("*/min", "min"),
@@ -164,6 +165,11 @@ class DistributedALPTrainer:
             raise ConfigError(
                 f"trainer.kl_coef={cfg.kl_coef}: the KL reference is a copy.deepcopy of the model, which FSDP2 does not "
                 "support; set kl_coef = 0 under torchrun"
+            )
+        if cfg.algo == "alp" and cfg.sigma_init == "calibrated":
+            raise ConfigError(
+                "trainer.sigma_init='calibrated' needs an engine copy of the model, which FSDP2 cannot deepcopy; "
+                "use sigma_init='relative' or 'absolute' under torchrun"
             )
         self.model = shard_for_fsdp2(model, mesh=mesh, param_dtype=param_dtype)
         """The sharded policy (its parameters are DTensors)."""

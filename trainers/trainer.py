@@ -16,7 +16,12 @@ forward (perturbed for ALP), the policy loss against the algorithm's behavior lo
     gspo    recomputed pi_old          no            geometric sequence ratio, clip 1 -/+ (3e-4, 4e-4)
 
 pi_old is the policy before the step's first optimizer update, recomputed without noise on the same
-micro-batches; it is computed only for the algorithms that need it.
+micro-batches; it is computed only for the algorithms that need it, and for `mis_reject`: alp or bypass
+whose loss drops the tokens (or sequences) MIS would reject, without MIS's reweighting.
+
+The `mismatch/*` metrics always compare a noise-free forward of the policy before any update with the
+engine: pi_old where it exists, the first update's forward for bypass, an extra no-grad forward of the
+first update's micro-batches for alp.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import hashlib
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
@@ -50,6 +55,7 @@ from alp_agents.trainers.losses import (
     importance_weights,
     k3_kl,
     loss_units,
+    mis_rejected,
     policy_loss,
 )
 from alp_agents.trainers.metrics import advantage_metrics, loss_metrics, mismatch_metrics, sigma_metrics
@@ -59,6 +65,8 @@ logger = logging.getLogger(__name__)
 
 Algo = Literal["alp", "bypass", "grpo", "tis", "mis", "gspo"]
 RECOMPUTES_OLD_POLICY = ("grpo", "tis", "mis", "gspo")
+MIS_REJECT_ALGOS = ("alp", "bypass")
+"""The algorithms whose ratio is against mu, to which `mis_reject` adds MIS's rejection."""
 GSPO_LOSS_DEFAULTS = {"level": "geometric", "clip_low": 3e-4, "clip_high": 4e-4, "dual_clip": None}
 """GSPO's published settings, applied to every `loss` field the config leaves unset when algo='gspo'."""
 
@@ -70,14 +78,21 @@ class TrainerConfig(Config):
     """alp | bypass | grpo | tis | mis | gspo (the table in the trainer's module docstring)."""
     loss: PolicyLossConfig = Field(default_factory=PolicyLossConfig, validate_default=True)
     """Ratio level, clip ranges, clamp, aggregation and the TIS/MIS bounds (for gspo, unset fields take GSPO's values)."""
+    mis_reject: bool = False
+    """alp and bypass only: recompute pi_old (no noise) and reject the loss tokens, or sequences (loss.correction_level),
+    whose pi_old / mu is outside [loss.correction_low, loss.correction_high], without reweighting: the ratio stays
+    pi_theta / mu (ALP stacked with MIS). loss.rejected_in_denominator says whether rejected tokens still count."""
     lr: float = Field(default=1e-6, gt=0.0)
     """AdamW learning rate of the model's weights (1e-6 suits 0.5B-7B models; the tiny model learns at ~1e-4)."""
     sigma_lr: float = Field(default=1e-3, ge=0.0)
     """AdamW learning rate of log(sigma), in its own parameter group without weight decay (alp only)."""
-    sigma_init: Literal["relative", "absolute"] = "relative"
-    """'relative': sigma_l = init_sigma * RMS of layer l's input, measured on the first batch; 'absolute': sigma_l = init_sigma."""
-    init_sigma: float = Field(default=3e-3, gt=0.0)
-    """Initial noise scale (relative: 3e-3 is about the hidden-state error of a bfloat16 engine)."""
+    sigma_init: Literal["relative", "absolute", "calibrated"] = "relative"
+    """'relative': sigma_l = init_sigma * RMS of layer l's input, measured on the first batch; 'absolute': sigma_l = init_sigma;
+    'calibrated': sigma_l = init_sigma * RMS(h_l(engine copy) - h_l(policy)) on the first batch, the engine's own error at
+    layer l (needs ALPTrainer(..., engine_copy=...); a layer the engine reproduces exactly is floored at 1e-8 x its RMS)."""
+    init_sigma: float = Field(default=3e-3, ge=0.0)
+    """Initial noise scale (relative: 3e-3 is about the hidden-state error of a bfloat16 engine; calibrated: 1 = the
+    engine's error). 0 fixes sigma at exactly 0 for good: alp then computes what bypass computes."""
     perturb_layers: LayerSelection = "all"
     """Points that get noise: 'all', 'early' | 'middle' | 'late' (thirds), 'logits' (final hidden state only) or indices."""
     micro_batch_size: int = Field(default=4, ge=1)
@@ -102,6 +117,8 @@ class TrainerConfig(Config):
     """Divide advantages by the group's reward std (False: Dr. GRPO's mean-centred rewards)."""
     gradient_checkpointing: bool = False
     """Recompute decoder activations in backward (less memory, ~30% more time); the noise is recomputed identically."""
+    mask_void_turns: bool = False
+    """Give loss mask 0 to the sampled tokens of void turns (neither a valid tool call nor an answer) in the update."""
     seed: int = Field(default=0, ge=0)
     """Seeds the mini-batch shuffle and every noise draw: same seed, model and data give the same step."""
 
@@ -115,6 +132,17 @@ class TrainerConfig(Config):
         unset = {key: value for key, value in GSPO_LOSS_DEFAULTS.items() if key not in loss.model_fields_set}
         return loss.model_copy(update=unset)
 
+    @field_validator("mis_reject", mode="after")
+    @classmethod
+    def _mis_reject_algo(cls, mis_reject: bool, info: ValidationInfo) -> bool:
+        algo = info.data.get("algo")
+        if mis_reject and algo not in MIS_REJECT_ALGOS:
+            raise ValueError(
+                f"mis_reject=True applies to algo 'alp' or 'bypass' (their ratio is against mu), not algo={algo!r}: "
+                "mis already rejects, and tis/grpo/gspo ratios are against pi_old"
+            )
+        return mis_reject
+
 
 class ALPTrainer:
     """Updates `model` in place from batches of trajectories with the algorithm `cfg.algo`.
@@ -124,7 +152,13 @@ class ALPTrainer:
     >>> engine.update_weights(trainer.policy_state_dict())                 # doctest: +SKIP
     """
 
-    def __init__(self, model: nn.Module, cfg: TrainerConfig) -> None:
+    def __init__(self, model: nn.Module, cfg: TrainerConfig, *, engine_copy: Callable[[nn.Module], nn.Module] | None = None) -> None:
+        if cfg.algo == "alp" and cfg.sigma_init == "calibrated" and engine_copy is None:
+            raise ConfigError(
+                "sigma_init='calibrated' sets sigma from the engine's error at each layer: pass "
+                "ALPTrainer(model, cfg, engine_copy=fn), fn(model) returning the model as the engine serves it "
+                "(e.g. cast to bfloat16), or use sigma_init='relative' or 'absolute'"
+            )
         self.cfg = cfg
         self.model = model
         """The policy being trained (in train mode)."""
@@ -143,8 +177,10 @@ class ALPTrainer:
         """Optimizer updates attempted so far, applied or skipped (each one seeds its own noise)."""
         self.num_skipped_updates = 0
         """Updates whose gradient was not finite: never applied."""
+        self.engine_copy = engine_copy
+        """fn(model) -> the model as the inference engine serves it (sigma_init='calibrated'), or None."""
         self.sigma_calibrated = self.perturbation is None or cfg.sigma_init == "absolute"
-        """False until the first batch has set the relative sigmas."""
+        """False until the first batch has set the relative or calibrated sigmas."""
         self._shuffle = torch.Generator().manual_seed(cfg.seed)
         self._pad_token_id = getattr(model.config, "pad_token_id", None) or 0
         self._device = next(model.parameters()).device
@@ -154,7 +190,7 @@ class ALPTrainer:
     def step(self, trajectories: Sequence[Trajectory]) -> dict[str, float]:
         """Run `updates_per_batch` optimizer updates on these episodes; return the step's metrics (README table)."""
         cfg = self.cfg
-        batch = collate(trajectories, pad_token_id=self._pad_token_id, device=self._device)
+        batch = collate(trajectories, pad_token_id=self._pad_token_id, device=self._device, mask_void_turns=cfg.mask_void_turns)
         if len(batch) < cfg.updates_per_batch:
             raise TrajectoryError(f"step() got {len(batch)} trajectories but updates_per_batch={cfg.updates_per_batch} needs at least that many")
         group_advantages = grpo_advantages(batch.rewards, batch.group_ids, eps=cfg.adv_eps, normalize_std=cfg.adv_normalize_std)
@@ -164,39 +200,41 @@ class ALPTrainer:
         micro = [[batch.rows(rows) for rows in update] for update in plan]  # micro[u][m]: Batch
         if not self.sigma_calibrated:
             self._calibrate_sigma(micro[0][0])
-        old = self._frozen_logprobs(self.model, micro) if cfg.algo in RECOMPUTES_OLD_POLICY else None
+        old = self._frozen_logprobs(self.model, micro) if cfg.algo in RECOMPUTES_OLD_POLICY or cfg.mis_reject else None
         ref = self._frozen_logprobs(self.reference, micro) if self.reference is not None else None
+        clean = self._clean_first_update(micro, old)  # [m]: noise-free pi_old of the first update, or None (bypass)
+        corrections = [[loss_correction(old[u][m] if old is not None else None, mb, cfg) for m, mb in enumerate(update)]
+                       for u, update in enumerate(micro)]  # [u][m]: (loss mask, weights, rejected)
 
         diagnostics: list[LossDiagnostics] = []
-        entropies, train_side, infer_side = [], [], []
+        entropies, train_side, infer_side, lengths = [], [], [], []
         sums = {name: torch.zeros((), device=self._device) for name in ("loss/policy", "loss/kl", "loss/total")}
         grad_norms: dict[str, list[float]] = {"policy": [], "sigma": []}
         skipped_before = self.num_skipped_updates
         for u, update in enumerate(micro):
-            units = sum(loss_units(mb.loss_mask, cfg.loss.aggregation) for mb in update)
+            units = sum(loss_units(mask, cfg.loss.aggregation) for mask, _, _ in corrections[u])
             # Data parallel (torchrun + FSDP2): the loss is the mean over every rank's units and FSDP averages the
             # ranks' gradients, so this rank's gradient weighs its part of the global units (1.0 in one process).
             grad_scale = units * _world_size() / max(_sum_over_ranks(units, self._device), 1)
             for m, mb in enumerate(update):
-                share = loss_units(mb.loss_mask, cfg.loss.aggregation) / max(units, 1)
-                behavior = old[u][m] if old is not None else mb.infer_logprobs
-                weights = None
-                if old is not None and cfg.algo in ("tis", "mis"):
-                    weights = importance_weights(old[u][m], mb.infer_logprobs, mb.loss_mask, cfg.loss, kind=cfg.algo)
+                mask, weights, _ = corrections[u][m]
+                share = loss_units(mask, cfg.loss.aggregation) / max(units, 1)
+                behavior = old[u][m] if old is not None and cfg.algo in RECOMPUTES_OLD_POLICY else mb.infer_logprobs
                 with self._noise(m):  # backward too: a checkpointed layer recomputes its forward, noise included
                     logprobs, entropy = token_logprobs(
                         self.model, mb.input_ids, mb.attention_mask, chunk_size=cfg.logprob_chunk_size, temperature=cfg.temperature
                     )  # (b, t) each
-                    pg_loss, diag = policy_loss(logprobs, behavior, advantages[plan[u][m]], mb.loss_mask, cfg.loss, weights=weights)
-                    kl_loss = aggregate(k3_kl(logprobs, ref[u][m]), mb.loss_mask, cfg.loss.aggregation) if ref is not None else pg_loss.new_zeros(())
+                    pg_loss, diag = policy_loss(logprobs, behavior, advantages[plan[u][m]], mask, cfg.loss, weights=weights)
+                    kl_loss = aggregate(k3_kl(logprobs, ref[u][m]), mask, cfg.loss.aggregation) if ref is not None else pg_loss.new_zeros(())
                     loss = pg_loss + cfg.kl_coef * kl_loss
                     (loss * (share * grad_scale)).backward()
 
                 diagnostics.append(diag)
                 entropies.append(entropy[mb.loss_mask])
                 if u == 0:  # before any weight change: the train-inference mismatch alone, no staleness
-                    train_side.append((old[u][m] if old is not None else logprobs.detach())[mb.loss_mask])
+                    train_side.append((clean[m] if clean is not None else logprobs.detach())[mb.loss_mask])
                     infer_side.append(mb.infer_logprobs[mb.loss_mask])
+                    lengths.append(mb.loss_mask.sum(-1))
                 for name, value in (("loss/policy", pg_loss), ("loss/kl", kl_loss), ("loss/total", loss)):
                     sums[name] += value.detach() * (share / cfg.updates_per_batch)
             policy_norm, sigma_norm = self._apply_gradients()
@@ -205,7 +243,7 @@ class ALPTrainer:
 
         metrics = {name: float(total) for name, total in sums.items()}
         metrics.update(loss_metrics(diagnostics))
-        metrics.update(mismatch_metrics(torch.cat(train_side), torch.cat(infer_side)))
+        metrics.update(mismatch_metrics(torch.cat(train_side), torch.cat(infer_side), torch.cat(lengths)))
         metrics.update(advantage_metrics(group_advantages))
         entropy_values = torch.cat(entropies)
         metrics["entropy/mean"] = float(entropy_values.double().mean()) if entropy_values.numel() else math.nan
@@ -214,6 +252,12 @@ class ALPTrainer:
         if self.perturbation is not None:
             metrics["grad/sigma_norm"] = _mean(grad_norms["sigma"])
             metrics.update(sigma_metrics(self.perturbation.names, self.perturbation.sigmas()))
+        if cfg.algo == "mis" or cfg.mis_reject:
+            rejected = sum(int(r.sum()) for update in corrections for _, _, r in update)
+            metrics["correction/rejected_fraction"] = rejected / max(int(batch.loss_mask.sum()), 1)
+        if cfg.mask_void_turns:
+            sampled = sum(t.num_sampled_tokens for t in trajectories)
+            metrics["train/void_turn_token_fraction"] = 1.0 - float(batch.loss_mask.sum()) / max(sampled, 1)
         metrics["perf/tokens"] = float(batch.loss_mask.sum())
         metrics["perf/sequences"] = float(len(batch))
         metrics["perf/skipped_updates"] = float(self.num_skipped_updates - skipped_before)
@@ -224,6 +268,16 @@ class ALPTrainer:
         if self.perturbation is None:
             return nullcontext()
         return self.perturbation.active(seed=noise_seed(self.cfg.seed, self.num_updates, micro_index, _rank()))
+
+    def _clean_first_update(self, micro: list[list[Batch]], old: list[list[Tensor]] | None) -> list[Tensor] | None:
+        """Noise-free log-probs of the first update's micro-batches before any weight change, for `mismatch/*`.
+
+        pi_old when it was recomputed; for alp an extra no-grad forward (its update forward is noisy); None
+        for bypass, whose first update's own forward is already exactly that.
+        """
+        if old is not None:
+            return old[0]
+        return self._frozen_logprobs(self.model, micro[:1])[0] if self.perturbation is not None else None
 
     @torch.no_grad()
     def _frozen_logprobs(self, model: nn.Module, micro: list[list[Batch]]) -> list[list[Tensor]]:
@@ -253,10 +307,18 @@ class ALPTrainer:
         return policy_norm, sigma_norm
 
     def _calibrate_sigma(self, mb: Batch) -> None:
+        """Set the relative or calibrated sigmas from this micro-batch (once, on the first batch)."""
         assert self.perturbation is not None
-        rms = self.perturbation.calibrate(mb.input_ids, mb.attention_mask, relative_sigma=self.cfg.init_sigma)
+        if self.cfg.sigma_init == "calibrated":
+            assert self.engine_copy is not None  # checked in __init__
+            engine = self.engine_copy(self.model)  # now, so the copy has the weights the engine sampled with
+            error = self.perturbation.calibrate_to(engine, mb.input_ids, mb.attention_mask, scale=self.cfg.init_sigma)
+            del engine
+            logger.info("sigma set to %s x the engine's error at each point %s", self.cfg.init_sigma, error.tolist())
+        else:
+            rms = self.perturbation.calibrate(mb.input_ids, mb.attention_mask, relative_sigma=self.cfg.init_sigma)
+            logger.info("sigma set to %s x the input RMS of each point %s", self.cfg.init_sigma, [round(x, 4) for x in rms.tolist()])
         self.sigma_calibrated = True
-        logger.info("sigma set to %s x the input RMS of each point %s", self.cfg.init_sigma, [round(x, 4) for x in rms.tolist()])
 
     # -- weights and checkpoints -----------------------------------------------------------------
 
@@ -308,6 +370,29 @@ class ALPTrainer:
         self.num_skipped_updates = state["num_skipped_updates"]
         self.sigma_calibrated = state["sigma_calibrated"]
         self._shuffle.set_state(state["shuffle_rng"])
+
+
+def loss_correction(old: Tensor | None, mb: Batch, cfg: TrainerConfig) -> tuple[Tensor, Tensor | None, Tensor]:
+    """One micro-batch's (loss mask, loss weights, rejected tokens) after the algorithm's pi_old / mu correction.
+
+    tis: weights min(w, cap). mis: weights w, 0 where rejected (w outside [low, high]). mis_reject (alp,
+    bypass): weights 1, 0 where rejected, so the ratio stays pi_theta / mu. When
+    loss.rejected_in_denominator is False a rejected token also leaves the mask, hence the denominator
+    and `loss_units` (the micro-batch weighting then still sums to the whole batch's loss).
+    """
+    mask, nothing = mb.loss_mask, torch.zeros_like(mb.loss_mask)
+    if old is None or cfg.algo not in ("tis", "mis") and not cfg.mis_reject:
+        return mask, None, nothing
+    if cfg.algo == "tis":
+        return mask, importance_weights(old, mb.infer_logprobs, mask, cfg.loss, kind="tis"), nothing
+    rejected = mis_rejected(old, mb.infer_logprobs, mask, cfg.loss)  # (b, t)
+    if cfg.algo == "mis":
+        weights: Tensor | None = importance_weights(old, mb.infer_logprobs, mask, cfg.loss, kind="mis")
+    else:
+        weights = (~rejected).to(old.dtype) if cfg.loss.rejected_in_denominator else None
+    if not cfg.loss.rejected_in_denominator:
+        mask = mask & ~rejected
+    return mask, weights, rejected
 
 
 def build_optimizer(model: nn.Module, perturbation: LayerPerturbation | None, cfg: TrainerConfig) -> torch.optim.AdamW:
