@@ -18,7 +18,7 @@ from rich.table import Table
 from alp_agents import jobs
 from alp_agents.config import Config, apply_overrides, load_config_data
 from alp_agents.engines import InferenceEngine
-from alp_agents.envs import ToolEnv
+from alp_agents.envs import Task, ToolEnv
 from alp_agents.envs.demos import make_demonstrations
 from alp_agents.demonstrations import write_demonstrations
 from alp_agents.tiny import build_tiny_model
@@ -49,17 +49,12 @@ def seed_overrides(seed: int) -> list[str]:
     return [f"{key}={seed}" for key in ("rl.model.seed", "sft.seed", "rl.schedule.seed", "rl.rollout.sampling.seed")]
 
 
-def run_demo(out_dir: Path, overrides: list[str], *, console: Console, engine: InferenceEngine | None = None) -> dict[str, float]:
-    """Run the whole demo into `out_dir` and print the before/after table; return the figures.
+def warm_start(out_dir: Path, cfg: DemoConfig, train_tasks: list[Task], *, console: Console) -> Path:
+    """Steps 1-3 of the demo: the default model, expert demonstrations on the first training tasks, SFT; returns the SFT model.
 
-    `engine`: an already running engine on a model of the same architecture (tests share one); by
-    default the RL run starts its own.
+    `cfg.rl` supplies the model size and seed and the environment's arguments.
     """
-    start = time.perf_counter()
-    cfg = demo_config(overrides)
-    train_tasks, eval_tasks = jobs.load_tasks(cfg.rl.data)
     env_kwargs = cfg.rl.env.kwargs
-
     console.rule("1/4 default model")
     base = build_tiny_model(out_dir / "base", seed=cfg.rl.model.seed, size=cfg.rl.model.size)
     console.print(f"built the {cfg.rl.model.size} default model in {base}")
@@ -72,6 +67,19 @@ def run_demo(out_dir: Path, overrides: list[str], *, console: Console, engine: I
     sft_dir = out_dir / "sft"
     history = jobs.sft(base, demos, sft_dir, cfg.sft)
     console.print(f"SFT: {len(history)} steps, loss {history[0]['sft/loss']:.2f} -> {history[-1]['sft/loss']:.3f}")
+    return sft_dir
+
+
+def run_demo(out_dir: Path, overrides: list[str], *, console: Console, engine: InferenceEngine | None = None) -> dict[str, float]:
+    """Run the whole demo into `out_dir` and print the before/after table; return the figures.
+
+    `engine`: an already running engine on a model of the same architecture (tests share one); by
+    default the RL run starts its own.
+    """
+    start = time.perf_counter()
+    cfg = demo_config(overrides)
+    train_tasks, eval_tasks = jobs.load_tasks(cfg.rl.data)
+    sft_dir = warm_start(out_dir, cfg, train_tasks, console=console)
 
     console.rule("4/4 RL with ALP")
     rows = train(cfg.rl, out_dir / "rl", env_factory=jobs.env_factory(cfg.rl.env), model_dir=sft_dir,

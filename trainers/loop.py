@@ -26,6 +26,7 @@ import signal
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,6 +36,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from alp_agents.engines import OpenAIServerEngine, VLLMEngine
 from alp_agents.engines.base import InferenceEngine
+from alp_agents.engines.quantize import FakeQuantizedEngine, engine_view
 from alp_agents.evaluation import rollout_stats
 from alp_agents.plots import plot_run
 from alp_agents.rollout import EpisodeEnv, collect
@@ -78,7 +80,8 @@ async def _train(cfg: TrainConfig, run: RunDir, env_factory: Callable[[], Episod
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if sharded_trainer is None:
         model = load_policy(model_dir)
-        trainer: ALPTrainer | RankZeroTrainer = ALPTrainer(model, cfg.trainer)
+        engine_copy = partial(engine_view, quantization=cfg.engine.quantize, dtype=cfg.engine.dtype)
+        trainer: ALPTrainer | RankZeroTrainer = ALPTrainer(model, cfg.trainer, engine_copy=engine_copy)
         if trainer_state is not None:
             trainer.load_state_dict(trainer_state)
     else:
@@ -90,7 +93,9 @@ async def _train(cfg: TrainConfig, run: RunDir, env_factory: Callable[[], Episod
         else:
             run.save_checkpoint(model, tokenizer, trainer.state_dict(), state)
     engine = given_engine or await start_engine(cfg.engine, model_dir, seed=cfg.schedule.seed, version=state.policy_version)
-    if given_engine is not None:
+    if cfg.engine.quantize is not None:
+        engine = FakeQuantizedEngine(engine, cfg.engine.quantize)
+    if given_engine is not None or cfg.engine.quantize is not None:  # the engine holds other weights, or unquantised ones
         await engine.update_weights(trainer.policy_state_dict(), state.policy_version)
 
     schedule, rollout = cfg.schedule, cfg.rollout

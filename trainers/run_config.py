@@ -16,6 +16,7 @@ from pydantic import Field, model_validator
 
 from alp_agents.config import Config
 from alp_agents.engines.base import SamplingConfig
+from alp_agents.engines.quantize import Quantization
 from alp_agents.rollout import RolloutLimits
 from alp_agents.trainers.trainer import TrainerConfig
 
@@ -71,6 +72,9 @@ class EngineSection(Config):
     """Engine dtype ('float32' on CPU by default, the model's on GPU); 'bfloat16' adds a real train/inference mismatch."""
     request_timeout_s: float | None = Field(120.0, gt=0)
     """Deadline of one generate call; past it the episode fails (not the run)."""
+    quantize: Quantization | None = None
+    """Fake-quantise the engine's copy of the weights on every push (e.g. {bits = 4, group_size = 32}); the trainer stays
+    float32. A tunable train/inference mismatch for the mismatch lab; None serves the trainer's weights as they are."""
 
 
 class ScheduleSection(Config):
