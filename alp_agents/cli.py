@@ -192,6 +192,40 @@ def demo(
     run_demo(out_dir, seed_overrides(seed) + (overrides or []), console=console)
 
 
+lab_app = typer.Typer(help="The mismatch lab: ALP against every baseline under train/inference mismatch, over seeds.")
+app.add_typer(lab_app, name="lab")
+
+
+@lab_app.callback(invoke_without_command=True)
+def lab(
+    ctx: typer.Context,
+    config: Annotated[Optional[Path], typer.Option(help="Lab TOML (default: the shipped alp_agents/lab.toml).")] = None,
+    out: Annotated[Path, typer.Option(help="Lab directory: runs, report.md, figures (an existing one is resumed).")] = Path("runs/lab"),
+    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override the lab config, e.g. rl.schedule.iterations=20.")] = None,
+    arms: Annotated[Optional[str], typer.Option(help="Comma-separated arms to run (default: all).")] = None,
+    seeds: Annotated[Optional[int], typer.Option(help="Run seeds 0..N-1 (default: the config's seeds).")] = None,
+    quick: Annotated[bool, typer.Option(help="The quick grid: 1 seed, 3 arms, fewer iterations (about 10 minutes).")] = False,
+) -> None:
+    """Run the lab's grid (resumable), then write LAB_DIR/report.md with its verdicts and figures."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from alp_agents.lab import load_lab_config, run_lab
+    from alp_agents.lab_report import write_report
+
+    cfg = load_lab_config(config, overrides or [])
+    finished = run_lab(cfg, out, arms=arms.split(",") if arms else None, seeds=list(range(seeds)) if seeds else None, quick=quick,
+                       console=console)
+    console.print(f"{len(finished)} runs finished; report: {write_report(out)}")
+
+
+@lab_app.command("report")
+def lab_report(lab_dir: Annotated[Path, typer.Argument(help="A lab directory written by `alp lab`.")]) -> None:
+    """(Re)write LAB_DIR/report.md and LAB_DIR/figures from the runs' metrics."""
+    from alp_agents.lab_report import write_report
+
+    console.print(str(write_report(lab_dir)))
+
+
 def print_generation_report(report: GenerationReport) -> None:
     table = Table("prompt", "reply", "tokens", "finish")
     for completion in report.completions:
