@@ -53,9 +53,10 @@ class Run:
     rows: list[Row]
     seconds: float
 
-    def series(self, key: str) -> list[tuple[int, float]]:
+    def series(self, key: str, *, positive: bool = False) -> list[tuple[int, float]]:
+        """(iteration, value) of every row with a finite `key` (only values > 0 with `positive`, for a log axis)."""
         return [(int(row["iteration"]), float(row[key])) for row in self.rows
-                if isinstance(row.get(key), (int, float)) and math.isfinite(row[key])]  # fmt: skip
+                if isinstance(row.get(key), (int, float)) and math.isfinite(row[key]) and (row[key] > 0 or not positive)]  # fmt: skip
 
     def last(self, key: str) -> float:
         values = self.series(key)
@@ -316,7 +317,7 @@ def _band_plot(runs: list[Run], arms: list[str], key: str, title: str, path: Pat
         by_iteration: dict[int, list[float]] = defaultdict(list)
         for run in runs:
             if run.arm == arm:
-                for iteration, value in run.series(key):
+                for iteration, value in run.series(key, positive=log_y):
                     by_iteration[iteration].append(value)
         if not by_iteration:
             continue
@@ -348,8 +349,10 @@ def _sigma_plot(runs: list[Run], title: str, path: Path) -> Path | None:
             by_iteration: dict[int, list[float]] = defaultdict(list)
             for run in runs:
                 if run.arm == arm:
-                    for iteration, value in run.series(key):
+                    for iteration, value in run.series(key, positive=True):
                         by_iteration[iteration].append(value)
+            if not by_iteration:
+                continue
             x = sorted(by_iteration)
             ax.plot(x, [statistics.fmean(by_iteration[j]) for j in x], color=f"C{i % 10}", alpha=0.8, label=f"{arm} {key.removeprefix('sigma/')}")
             drawn = True

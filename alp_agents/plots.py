@@ -43,19 +43,21 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     return [f for f in figures if f is not None]
 
 
-def _series(rows: list[Row], key: str) -> tuple[list[float], list[float]]:
-    points = [(row["iteration"], row[key]) for row in rows if key in row and row[key] is not None and math.isfinite(row[key])]
+def _series(rows: list[Row], key: str, *, positive: bool = False) -> tuple[list[float], list[float]]:
+    """(iterations, values) of the rows with a finite `key`; `positive` keeps only values > 0 (for a log axis)."""
+    points = [(row["iteration"], row[key]) for row in rows
+              if key in row and row[key] is not None and math.isfinite(row[key]) and (row[key] > 0 or not positive)]  # fmt: skip
     return [p[0] for p in points], [p[1] for p in points]
 
 
 def _lines(rows: list[Row], keys: list[str], title: str, ylabel: str, path: Path, *, log_y: bool = False, twin: bool = False) -> Path | None:
-    present = [k for k in keys if _series(rows, k)[0]]
+    present = [k for k in keys if _series(rows, k, positive=log_y)[0]]
     if not present:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
     axes = [ax, ax.twinx()] if twin and len(present) == 2 else [ax] * len(present)
     for i, (key, axis) in enumerate(zip(present, axes)):
-        x, y = _series(rows, key)
+        x, y = _series(rows, key, positive=log_y)
         axis.plot(x, y, marker="." if len(x) < 50 else None, color=f"C{i}", label=key)
         if twin and len(present) == 2:
             axis.set_ylabel(key, color=f"C{i}")

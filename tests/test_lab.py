@@ -159,3 +159,58 @@ def test_lab_runs_a_two_arm_two_seed_grid_writes_its_report_and_resumes_without_
 
     with pytest.raises(ConfigError, match="another config"):
         run_lab(load_lab_config(None, overrides + ["rl.trainer.lr=1e-3"]), tmp_path, console=console, engine=vllm_engine)
+
+
+# -- controls at the level of a whole iteration (rollouts, update, weight push) ------------------------
+
+
+def one_iteration(tmp_path: Path, name: str, model_dir: Path, engine, overrides: list[str]) -> tuple[dict, dict]:
+    """One training iteration of the test loop's config on the shared engine: (its metrics row, the trained weights)."""
+    import tomllib
+
+    from safetensors.torch import load_file
+
+    from alp_agents import jobs
+    from alp_agents.config import apply_overrides, load_config_data
+    from alp_agents.trainers.loop import train
+    from alp_agents.trainers.run_config import TrainConfig
+    from test_train_loop import config_toml
+
+    data = apply_overrides(tomllib.loads(config_toml(model_dir, iterations=1, checkpoint_every=1)), overrides)
+    cfg = load_config_data(TrainConfig, data)
+    train_tasks, eval_tasks = jobs.load_tasks(cfg.data)
+    rows = train(cfg, tmp_path / name, env_factory=jobs.env_factory(cfg.env), model_dir=model_dir, train_tasks=train_tasks,
+                 eval_tasks=[], engine=engine, progress=False)
+    assert rows[-1]["train/skipped_batch"] == 0.0, "the iteration must update the policy for the comparison to mean anything"
+    return rows[-1], load_file(tmp_path / name / "checkpoint" / "model" / "model.safetensors")
+
+
+def test_alp_with_sigma_fixed_at_zero_is_bypass_bit_for_bit_over_a_full_iteration(tmp_path, tiny_model_dir, vllm_engine, tiny_weights):
+    try:
+        alp_row, alp_weights = one_iteration(tmp_path, "alp0", tiny_model_dir, vllm_engine,
+                                             ["trainer.algo=alp", "trainer.init_sigma=0", "trainer.sigma_init=absolute"])
+        bypass_row, bypass_weights = one_iteration(tmp_path, "bypass", tiny_model_dir, vllm_engine, ["trainer.algo=bypass"])
+    finally:
+        asyncio.run(vllm_engine.update_weights(tiny_weights, vllm_engine.policy_version + 1))
+    assert alp_weights.keys() == bypass_weights.keys()
+    for name in alp_weights:
+        assert torch.equal(alp_weights[name], bypass_weights[name]), name
+    ignored = ("time/", "perf/rollout_tokens", "sigma/", "grad/sigma_norm")
+    shared = {k: v for k, v in bypass_row.items() if not k.startswith(ignored)}
+    assert shared == {k: v for k, v in alp_row.items() if k in shared}
+    assert alp_row["sigma/max"] == 0.0
+
+
+def test_mis_is_bypass_with_an_exact_engine_and_one_update_per_batch(tmp_path, tiny_model_dir, vllm_engine, tiny_weights):
+    single = ["trainer.updates_per_batch=1", "trainer.micro_batch_size=8"]
+    try:
+        mis_row, mis_weights = one_iteration(tmp_path, "mis", tiny_model_dir, vllm_engine, ["trainer.algo=mis", *single])
+        bypass_row, bypass_weights = one_iteration(tmp_path, "bypass", tiny_model_dir, vllm_engine, ["trainer.algo=bypass", *single])
+    finally:
+        asyncio.run(vllm_engine.update_weights(tiny_weights, vllm_engine.policy_version + 1))
+    # An fp32 engine reproduces the trainer's log-probs to ~1e-6: every MIS weight pi_old/mu is 1 to that precision.
+    assert mis_row["correction/rejected_fraction"] == 0.0
+    assert mis_row["loss/policy"] == pytest.approx(bypass_row["loss/policy"], rel=1e-4, abs=1e-6)
+    moved = max(float((bypass_weights[n] - tiny_weights[n]).abs().max()) for n in bypass_weights if n in tiny_weights)
+    differs = max(float((mis_weights[n] - bypass_weights[n]).abs().max()) for n in bypass_weights)
+    assert moved > 1e-4 and differs < 1e-3 * moved
