@@ -128,7 +128,10 @@ def load_lab_config(path: Path | None, overrides: list[str]) -> LabConfig:
 
 
 def grid(cfg: LabConfig, *, arms: list[str] | None = None, seeds: list[int] | None = None, quick: bool = False) -> list[Cell]:
-    """The runs of the lab, grouped by setting (runs of a setting share an engine); `arms`/`seeds` narrow it."""
+    """The runs of the lab, grouped by setting (runs of a setting share an engine).
+
+    `arms` replaces every setting's own list (any arm of [arms], e.g. a variant no setting lists); `seeds` the seeds.
+    """
     if quick:
         arms, seeds = arms or cfg.quick.arms, seeds or cfg.quick.seeds
     unknown = [arm for arm in arms or [] if arm not in cfg.arms]
@@ -136,7 +139,7 @@ def grid(cfg: LabConfig, *, arms: list[str] | None = None, seeds: list[int] | No
         raise ConfigError(f"--arms names unknown arms {unknown}; the lab's arms are {', '.join(cfg.arms)}")
     return [Cell(setting=setting, arm=arm, seed=seed)
             for setting in cfg.settings
-            for arm in cfg.arms_of(setting) if arms is None or arm in arms
+            for arm in (arms if arms is not None else cfg.arms_of(setting))
             for seed in (seeds or cfg.seeds)]  # fmt: skip
 
 

@@ -4,7 +4,8 @@
 every runs/<setting>/<arm>/seed<k>/metrics.jsonl and writes LAB_DIR/report.md and LAB_DIR/figures/*.png.
 
 How the numbers are made (also printed at the top of the report):
-- held-out accuracy: the run's last `eval/avg_at_k`; mean and sample std over seeds.
+- held-out accuracy: the run's last `eval/avg_at_k` (evaluated on the trainer's exact weights, whatever the engine
+  serves); mean and sample std over seeds. "held-out mean" averages every evaluation after iteration 0 (learning speed).
 - clean envelope: `mismatch/seq_log_width` = ln(P98/P2) of the sequence ratio pi_theta/mu, no noise, on each
   fresh batch before the update. Compared *at matched entropy*: every iteration is put in a bin of the
   sampled tokens' mean NLL under mu (`mismatch/sample_nll`, quartile bins of the setting's pooled values);
@@ -156,6 +157,7 @@ class SettingTable:
 
     setting: str
     accuracy: dict[str, Summary]
+    accuracy_mean: dict[str, Summary]
     of_control: dict[str, Summary]
     clean_excess: dict[str, Summary]
     loss_excess: dict[str, Summary]
@@ -185,6 +187,7 @@ def setting_table(cfg: LabConfig, runs: list[Run], setting: str) -> SettingTable
     return SettingTable(
         setting=setting,
         accuracy=per_arm(lambda r: r.last(ACCURACY)),
+        accuracy_mean=per_arm(lambda r: _mean([v for i, v in r.series(ACCURACY) if i > 0])),
         of_control=per_arm(of_control),
         clean_excess=per_arm(lambda r: clean_excess.get((r.arm, r.seed), math.nan)),
         loss_excess=per_arm(lambda r: loss_excess.get((r.arm, r.seed), math.nan)),
@@ -196,13 +199,13 @@ def setting_table(cfg: LabConfig, runs: list[Run], setting: str) -> SettingTable
 
 
 def markdown_table(table: SettingTable, has_control: bool) -> str:
-    header = ["arm", "seeds", "held-out acc", "of own control" if has_control else None, "clean env. ln(P98/P2)",
+    header = ["arm", "seeds", "held-out acc", "held-out mean", "of own control" if has_control else None, "clean env. ln(P98/P2)",
               "clean env. excess at matched NLL", "loss env. excess at matched NLL", "max clean abs log r",
               "KL-spike iters", "minutes / run"]  # fmt: skip
     header = [h for h in header if h is not None]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for arm, accuracy in table.accuracy.items():
-        cells = [arm, str(accuracy.n), accuracy.text(), table.of_control[arm].text(2) if has_control else None,
+        cells = [arm, str(accuracy.n), accuracy.text(), table.accuracy_mean[arm].text(), table.of_control[arm].text(2) if has_control else None,
                  table.clean_width[arm].text(2), table.clean_excess[arm].text(2), table.loss_excess[arm].text(2),
                  table.max_log_ratio[arm].text(2), table.kl_spikes[arm].text(1), table.minutes[arm].text(1)]  # fmt: skip
         lines.append("| " + " | ".join(c for c in cells if c is not None) + " |")

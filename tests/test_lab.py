@@ -14,7 +14,14 @@ from rich.console import Console
 from transformers import AutoModelForCausalLM
 
 from alp_agents.engines import SamplingConfig
-from alp_agents.engines.quantize import FakeQuantizedEngine, Quantization, engine_view, fake_quantize, fake_quantize_tensor
+from alp_agents.engines.quantize import (
+    FakeQuantizedEngine,
+    Quantization,
+    engine_view,
+    fake_quantize,
+    fake_quantize_tensor,
+    serving_exact_weights,
+)
 from alp_agents.errors import ConfigError
 from alp_agents.lab import grid, is_finished, load_lab_config, run_config, run_lab
 from alp_agents.lab_report import Summary, compare, write_report
@@ -44,6 +51,8 @@ def test_fake_quantisation_rounds_each_group_to_its_grid():
             assert (rounded - original).abs().max() <= scale / 2 + 1e-6  # round to nearest
     int8 = fake_quantize_tensor(weight, Quantization(bits=8, group_size=None))
     assert (int8 - weight).abs().max() < (out - weight).abs().max()  # 8 bits per row: finer than 4 bits per group
+    int3 = fake_quantize_tensor(weight, Quantization(bits=3, group_size=32))
+    assert len(int3[0, :32].unique()) <= 8 and (int3 - weight).abs().mean() > (out - weight).abs().mean()
 
 
 def test_only_matrices_outside_the_embedding_are_quantised(tiny_weights):
@@ -65,11 +74,16 @@ def test_a_quantised_push_serves_exactly_the_quantised_weights_and_a_float32_pus
         engine = FakeQuantizedEngine(vllm_engine, Quantization(bits=4, group_size=32))
         await engine.update_weights(tiny_weights, vllm_engine.policy_version + 1)
         quantised = await engine.generate(prompt, sampling)
+        async with serving_exact_weights(engine, lambda: tiny_weights, engine.policy_version):  # what evaluation does
+            exact = await engine.generate(prompt, sampling)
+        quantised_again = await engine.generate(prompt, sampling)
         await vllm_engine.update_weights(tiny_weights, vllm_engine.policy_version + 1)
         restored = await vllm_engine.generate(prompt, sampling)
-        return quantised, restored
+        return quantised, exact, quantised_again, restored
 
-    quantised, restored = asyncio.run(run())
+    quantised, exact, quantised_again, restored = asyncio.run(run())
+    assert quantised_again.token_ids == quantised.token_ids and quantised_again.logprobs == quantised.logprobs
+    assert (torch.tensor(exact.logprobs) - torch.tensor(hf_logprobs(prompt, exact.token_ids))).abs().max() < 1e-4
     served = torch.tensor(quantised.logprobs)
     as_quantised = torch.tensor(hf_logprobs(prompt, quantised.token_ids, weights=quantised_weights))
     as_float32 = torch.tensor(hf_logprobs(prompt, quantised.token_ids))
@@ -100,12 +114,14 @@ def test_the_shipped_lab_loads_and_every_cell_is_a_valid_run():
         assert (run.trainer.seed, run.rollout.sampling.seed, run.schedule.seed) == (cell.seed,) * 3
     controls = [s for s in cfg.settings.values() if s.control]
     assert controls and all(cfg.settings[s.control].set == [] or "quantize" not in " ".join(cfg.settings[s.control].set) for s in controls)
+    variant = grid(cfg, arms=["mis_token"], seeds=[4])  # --arms runs any arm in every setting
+    assert [(c.setting, c.arm, c.seed) for c in variant] == [(s, "mis_token", 4) for s in cfg.settings]
     quick = grid(cfg, quick=True)
     assert {c.seed for c in quick} == {0} and {c.arm for c in quick} == set(cfg.quick.arms)
 
 
-@pytest.mark.parametrize("override, named", [("arms.x=[\"trainer.algo=nope\"]", "algo"), ("settings.int4.arms=[\"nope\"]", "nope"),
-                                             ("settings.int4.control=\"nope\"", "nope"), ("rl.trainer.lrr=1", "lrr")])
+@pytest.mark.parametrize("override, named", [("arms.bypass=[\"trainer.algo=nope\"]", "algo"), ("settings.int3.arms=[\"nope\"]", "nope"),
+                                             ("settings.int3.control=\"nope\"", "nope"), ("rl.trainer.lrr=1", "lrr")])
 def test_a_bad_lab_config_fails_before_any_work_naming_what_is_wrong(override, named, tmp_path):
     with pytest.raises(ConfigError, match=named):
         cfg = load_lab_config(None, [override])
@@ -121,16 +137,16 @@ def test_compare_counts_only_differences_beyond_two_standard_errors():
 
 
 def test_lab_runs_a_two_arm_two_seed_grid_writes_its_report_and_resumes_without_rerunning(tmp_path, vllm_engine, tiny_weights):
-    overrides = SHRUNK + ["settings.int4.arms=[\"bypass\", \"alp\"]", "settings.exact.arms=[\"bypass\"]"]
+    overrides = SHRUNK + ["settings.int3.arms=[\"bypass\", \"alp\"]", "settings.exact.arms=[\"bypass\"]"]
     cfg = load_lab_config(None, overrides)
     console = Console(file=io.StringIO(), width=200)
     try:
         first = run_lab(cfg, tmp_path, seeds=[0], console=console, engine=vllm_engine)
-        assert [c.name for c in first] == ["int4/bypass/seed0", "int4/alp/seed0", "exact/bypass/seed0"]
+        assert [c.name for c in first] == ["int3/bypass/seed0", "int3/alp/seed0", "exact/bypass/seed0"]
         finished_before = {c.name: (tmp_path / "runs" / c.name / "metrics.jsonl").stat().st_mtime_ns for c in first}
 
         # An interrupted run: its last checkpoint is from iteration 1 of 2.
-        interrupted = tmp_path / "runs" / "int4" / "alp" / "seed0"
+        interrupted = tmp_path / "runs" / "int3" / "alp" / "seed0"
         loop_file = interrupted / "checkpoint" / "loop.json"
         loop_file.write_text(json.dumps({"iteration": 1, "policy_version": 1}))
         assert not is_finished(interrupted, run_config(cfg, first[1]))
@@ -140,22 +156,22 @@ def test_lab_runs_a_two_arm_two_seed_grid_writes_its_report_and_resumes_without_
         asyncio.run(vllm_engine.update_weights(tiny_weights, vllm_engine.policy_version + 1))
 
     assert len(second) == 6
-    for name in ("int4/bypass/seed0", "exact/bypass/seed0"):  # finished runs were not rerun
+    for name in ("int3/bypass/seed0", "exact/bypass/seed0"):  # finished runs were not rerun
         assert (tmp_path / "runs" / name / "metrics.jsonl").stat().st_mtime_ns == finished_before[name]
     resumed = [json.loads(line)["iteration"] for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
     assert resumed == [0, 1, 2]  # iteration 2 rerun once, from the checkpoint
-    rows = [json.loads(line) for line in (tmp_path / "runs" / "int4" / "bypass" / "seed1" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "int3" / "bypass" / "seed1" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["iteration"] == 2 and "mismatch/seq_log_width" in rows[-1]
-    config = json.loads((tmp_path / "runs" / "int4" / "bypass" / "seed1" / "config.json").read_text())
-    assert config["engine"]["quantize"] == {"bits": 4, "group_size": 32} and config["trainer"]["seed"] == 1
+    config = json.loads((tmp_path / "runs" / "int3" / "bypass" / "seed1" / "config.json").read_text())
+    assert config["engine"]["quantize"] == {"bits": 3, "group_size": 32} and config["trainer"]["seed"] == 1
 
     report = write_report(tmp_path).read_text()
-    assert "## Setting `int4`" in report and "(control: `exact`)" in report
+    assert "## Setting `int3`" in report and "(control: `exact`)" in report
     assert "| bypass | 2 |" in report and "| alp | 2 |" in report
     assert "**Informative?**" in report and "1. ALP keeps the importance-ratio tails narrow" in report
     assert "4. all-layer noise beats partial noise: not tested (arms missing)" in report
-    assert (tmp_path / "figures" / "int4_heldout.png").stat().st_size > 10_000
-    assert (tmp_path / "figures" / "int4_envelope_vs_nll.png").stat().st_size > 10_000
+    assert (tmp_path / "figures" / "int3_heldout.png").stat().st_size > 10_000
+    assert (tmp_path / "figures" / "int3_envelope_vs_nll.png").stat().st_size > 10_000
 
     with pytest.raises(ConfigError, match="another config"):
         run_lab(load_lab_config(None, overrides + ["rl.trainer.lr=1e-3"]), tmp_path, console=console, engine=vllm_engine)

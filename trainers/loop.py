@@ -36,7 +36,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from alp_agents.engines import OpenAIServerEngine, VLLMEngine
 from alp_agents.engines.base import InferenceEngine
-from alp_agents.engines.quantize import FakeQuantizedEngine, engine_view
+from alp_agents.engines.quantize import FakeQuantizedEngine, engine_view, serving_exact_weights
 from alp_agents.evaluation import rollout_stats
 from alp_agents.plots import plot_run
 from alp_agents.rollout import EpisodeEnv, collect
@@ -111,9 +111,12 @@ async def _train(cfg: TrainConfig, run: RunDir, env_factory: Callable[[], Episod
     async def evaluate() -> dict[str, float]:
         if not eval_tasks:
             return {}
-        trajectories = await collect(env_factory, eval_tasks, engine, tokenizer, sampling=eval_sampling, group_size=schedule.eval_k,
-                                     limits=rollout.limits, max_concurrency=rollout.max_concurrency, seed=10**6 + schedule.seed,
-                                     progress=False)
+        if pending is not None:  # async rollouts of the next batch must not sample from the evaluation's weights
+            await asyncio.wait({pending})
+        async with serving_exact_weights(engine, trainer.policy_state_dict, state.policy_version):
+            trajectories = await collect(env_factory, eval_tasks, engine, tokenizer, sampling=eval_sampling, group_size=schedule.eval_k,
+                                         limits=rollout.limits, max_concurrency=rollout.max_concurrency, seed=10**6 + schedule.seed,
+                                         progress=False)
         return {f"eval/{k}": float(v) for k, v in rollout_stats(trajectories).model_dump().items()}
 
     stop = asyncio.Event()

@@ -16,7 +16,8 @@ embedding by the engine, as in weight-only quantisation schemes.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
 from typing import Literal
 
 import torch
@@ -30,8 +31,8 @@ from alp_agents.engines.base import ClosesOnExit, Generation, InferenceEngine, N
 class Quantization(Config):
     """Symmetric round-to-nearest weight quantisation, per group of input columns (or per output row)."""
 
-    bits: Literal[4, 8] = 4
-    """Bits per weight: 4 (grid -8..7) or 8 (grid -128..127)."""
+    bits: Literal[2, 3, 4, 8] = 4
+    """Bits per weight: grid -2^(bits-1) .. 2^(bits-1) - 1 (int4: -8..7); 2 and 3 amplify the mismatch beyond real schemes."""
     group_size: int | None = Field(32, ge=1)
     """Consecutive weights of a row that share one scale; None: one scale per output row."""
 
@@ -104,3 +105,20 @@ class FakeQuantizedEngine(ClosesOnExit):
 
     async def close(self) -> None:
         await self.engine.close()
+
+
+@asynccontextmanager
+async def serving_exact_weights(engine: InferenceEngine, weights: Callable[[], NamedTensors], version: int) -> AsyncIterator[None]:
+    """Inside the block a FakeQuantizedEngine serves `weights()` unquantised (any other engine is left alone).
+
+    Evaluation runs inside it, so held-out accuracy measures the trained policy itself, not the engine's
+    degraded copy; on the way out the quantised weights are pushed back for the next rollouts.
+    """
+    if not isinstance(engine, FakeQuantizedEngine):
+        yield
+        return
+    await engine.engine.update_weights(weights(), version)
+    try:
+        yield
+    finally:
+        await engine.update_weights(weights(), version)
