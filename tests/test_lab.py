@@ -137,7 +137,9 @@ def test_compare_counts_only_differences_beyond_two_standard_errors():
 
 
 def test_lab_runs_a_two_arm_two_seed_grid_writes_its_report_and_resumes_without_rerunning(tmp_path, vllm_engine, tiny_weights):
-    overrides = SHRUNK + ["settings.int3.arms=[\"bypass\", \"alp\"]", "settings.exact.arms=[\"bypass\"]"]
+    # The parity env rewards a random model half the time, so every batch has a learning signal and trainer metrics.
+    parity = ["rl.env.id=parity_envs:Parity-v0", "rl.rollout.sampling.stop=[\"e\", \"a\", \"o\"]", "rl.rollout.limits.max_tokens_per_turn=12"]
+    overrides = SHRUNK + parity + ["settings.int3.arms=[\"bypass\", \"alp\"]", "settings.exact.arms=[\"bypass\"]"]
     cfg = load_lab_config(None, overrides)
     console = Console(file=io.StringIO(), width=200)
     try:
@@ -161,7 +163,7 @@ def test_lab_runs_a_two_arm_two_seed_grid_writes_its_report_and_resumes_without_
     resumed = [json.loads(line)["iteration"] for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
     assert resumed == [0, 1, 2]  # iteration 2 rerun once, from the checkpoint
     rows = [json.loads(line) for line in (tmp_path / "runs" / "int3" / "bypass" / "seed1" / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["iteration"] == 2 and "mismatch/seq_log_width" in rows[-1]
+    assert rows[-1]["iteration"] == 2 and rows[-1]["train/skipped_batch"] == 0.0 and rows[-1]["mismatch/log_ratio_std"] > 0.01
     config = json.loads((tmp_path / "runs" / "int3" / "bypass" / "seed1" / "config.json").read_text())
     assert config["engine"]["quantize"] == {"bits": 3, "group_size": 32} and config["trainer"]["seed"] == 1
 
