@@ -33,6 +33,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from alp_agents.lab import LabConfig, wall_time  # noqa: E402
 from alp_agents.plots import Row, read_metrics  # noqa: E402
 
+_READING = __doc__.split("How the numbers are made (also printed at the top of the report):")[1].strip()
+
 ACCURACY = "eval/avg_at_k"
 CLEAN_WIDTH = "mismatch/seq_log_width"
 LOSS_WIDTH = "loss_seq/log_width"
@@ -280,7 +282,7 @@ def write_report(lab_dir: str | Path) -> Path:
              f"{len(runs)} runs: settings {', '.join(sorted({r.setting for r in runs}))}; seeds {seeds}; "
              f"{total_minutes:.0f} minutes of runs. Regenerate: `alp lab --out {lab_dir}` (resumes, reruns nothing finished), "
              f"then `alp lab report {lab_dir}`.", "",
-             "How to read it: " + " ".join(__doc__.split("How the numbers are made (also printed at the top of the report):")[1].split()), ""]  # fmt: skip
+             "How the numbers are made:", "", _READING, ""]  # fmt: skip
     tables = {setting: setting_table(cfg, runs, setting) for setting in cfg.settings if any(r.setting == setting for r in runs)}
     for setting, table in tables.items():
         control = cfg.settings[setting].control
@@ -313,15 +315,21 @@ def plot_setting(runs: list[Run], setting: str, out: Path) -> list[Path]:
     return [p for p in paths if p is not None]
 
 
+def _across_seeds(runs: list[Run], arm: str, key: str, *, positive: bool = False) -> dict[int, list[float]]:
+    """iteration -> the values of `key` in every run of `arm` (one per seed that logged it)."""
+    by_iteration: dict[int, list[float]] = defaultdict(list)
+    for run in runs:
+        if run.arm == arm:
+            for iteration, value in run.series(key, positive=positive):
+                by_iteration[iteration].append(value)
+    return by_iteration
+
+
 def _band_plot(runs: list[Run], arms: list[str], key: str, title: str, path: Path, *, log_y: bool = False) -> Path | None:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     drawn = False
     for i, arm in enumerate(arms):
-        by_iteration: dict[int, list[float]] = defaultdict(list)
-        for run in runs:
-            if run.arm == arm:
-                for iteration, value in run.series(key, positive=log_y):
-                    by_iteration[iteration].append(value)
+        by_iteration = _across_seeds(runs, arm, key, positive=log_y)
         if not by_iteration:
             continue
         x = sorted(by_iteration)
@@ -349,16 +357,12 @@ def _sigma_plot(runs: list[Run], title: str, path: Path) -> Path | None:
         keys = sorted({k for run in runs if run.arm == arm for row in run.rows for k in row
                        if k.startswith("sigma/") and k not in ("sigma/min", "sigma/mean", "sigma/max")})  # fmt: skip
         for key in keys:
-            by_iteration: dict[int, list[float]] = defaultdict(list)
-            for run in runs:
-                if run.arm == arm:
-                    for iteration, value in run.series(key, positive=True):
-                        by_iteration[iteration].append(value)
-            if not by_iteration:
-                continue
-            x = sorted(by_iteration)
-            ax.plot(x, [statistics.fmean(by_iteration[j]) for j in x], color=f"C{i % 10}", alpha=0.8, label=f"{arm} {key.removeprefix('sigma/')}")
-            drawn = True
+            by_iteration = _across_seeds(runs, arm, key, positive=True)
+            if by_iteration:
+                x = sorted(by_iteration)
+                ax.plot(x, [statistics.fmean(by_iteration[j]) for j in x], color=f"C{i % 10}", alpha=0.8,
+                        label=f"{arm} {key.removeprefix('sigma/')}")
+                drawn = True
     return _finish(fig, ax, title, "iteration", "sigma", path, drawn, log_y=True)
 
 

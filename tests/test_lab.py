@@ -25,13 +25,10 @@ from alp_agents.engines.quantize import (
 from alp_agents.errors import ConfigError
 from alp_agents.lab import grid, is_finished, load_lab_config, run_config, run_lab
 from alp_agents.lab_report import Summary, compare, write_report
+from test_demo import SHRUNK as DEMO_SHRUNK
 
-SHRUNK = [  # the shipped lab at a size a test can afford; every stage still runs for real
-    "demos=16", "sft.schema_free_epochs=1", "sft.epochs=1", "sft.batch_size=8", "sft.warmup_steps=1",
-    "rl.data.train_size=24", "rl.data.eval_size=4", "rl.rollout.tasks_per_batch=2", "rl.rollout.group_size=4",
-    "rl.rollout.limits.max_tokens_per_turn=24", "rl.trainer.micro_batch_size=8", "rl.trainer.updates_per_batch=2",
-    "rl.schedule.iterations=2", "rl.schedule.eval_every=1", "rl.schedule.eval_k=2", "rl.schedule.checkpoint_every=1",
-]
+SHRUNK = DEMO_SHRUNK + ["rl.schedule.eval_every=1", "rl.schedule.checkpoint_every=1"]
+"""The shipped lab at a size a test can afford (the demo test's sizes); every stage still runs for real."""
 
 
 # -- fake quantisation --------------------------------------------------------------------------------
