@@ -30,8 +30,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from alp_agents.lab import LabConfig, wall_time  # noqa: E402
+from alp_agents.lab import LabConfig, is_finished, wall_time  # noqa: E402
 from alp_agents.plots import Row, read_metrics  # noqa: E402
+from alp_agents.trainers.run_config import TrainConfig  # noqa: E402
 
 _READING = __doc__.split("How the numbers are made (also printed at the top of the report):")[1].strip()
 
@@ -93,15 +94,20 @@ class Summary:
         return f"{self.mean:.{digits}f}{spread}"
 
 
-def load_runs(lab_dir: Path) -> tuple[LabConfig, list[Run]]:
-    """The lab's config and every run that has logged metrics."""
+def load_runs(lab_dir: Path) -> tuple[LabConfig, list[Run], int]:
+    """The lab's config, its finished runs (settings and arms in the config's order, then seeds), and how many are unfinished."""
     cfg = LabConfig.model_validate_json((lab_dir / "lab.json").read_text(encoding="utf-8"))
-    runs = []
-    for metrics in sorted((lab_dir / "runs").glob("*/*/seed*/metrics.jsonl")):
+    runs, unfinished = [], 0
+    for metrics in (lab_dir / "runs").glob("*/*/seed*/metrics.jsonl"):
         run_dir = metrics.parent
+        if not is_finished(run_dir, TrainConfig.model_validate_json((run_dir / "config.json").read_text(encoding="utf-8"))):
+            unfinished += 1
+            continue
         runs.append(Run(setting=run_dir.parent.parent.name, arm=run_dir.parent.name, seed=int(run_dir.name.removeprefix("seed")),
                         rows=read_metrics(metrics), seconds=wall_time(run_dir)))
-    return cfg, runs
+    order = {name: i for i, name in enumerate([*cfg.settings, *cfg.arms])}
+    runs.sort(key=lambda run: (order.get(run.setting, len(order)), order.get(run.arm, len(order)), run.arm, run.seed))
+    return cfg, runs, unfinished
 
 
 # -- statistics -------------------------------------------------------------------------------------
@@ -263,7 +269,8 @@ def claims_section(table: SettingTable, control_table: SettingTable | None) -> l
         lines += [informative_line(table, control_table), ""]
     claims = [
         ("1. ALP keeps the importance-ratio tails narrow", [("clean envelope at matched entropy", "bypass", table.clean_excess, True, 0.0),
-                                                           ("clean envelope at matched entropy", "mis", table.clean_excess, True, 0.0)]),
+                                                           ("clean envelope at matched entropy", "mis", table.clean_excess, True, 0.0),
+                                                           ("loss envelope at matched entropy", "bypass", table.loss_excess, True, 0.0)]),
         ("2. ALP dampens KL spikes", [("KL-spike iterations", "bypass", table.kl_spikes, True, 0.0),
                                       ("max clean abs log r", "bypass", table.max_log_ratio, True, 0.0)]),
         ("3. ALP learns better than Bypass and MIS/TIS", [("held-out accuracy", other, table.accuracy, False, ACCURACY_FLOOR)
@@ -288,13 +295,13 @@ def claims_section(table: SettingTable, control_table: SettingTable | None) -> l
 def write_report(lab_dir: str | Path) -> Path:
     """Write LAB_DIR/report.md and LAB_DIR/figures/*.png; return the report's path."""
     lab_dir = Path(lab_dir)
-    cfg, runs = load_runs(lab_dir)
+    cfg, runs, unfinished = load_runs(lab_dir)
     figures = lab_dir / "figures"
     figures.mkdir(exist_ok=True)
     seeds = sorted({run.seed for run in runs})
     total_minutes = sum(run.seconds for run in runs) / 60
     lines = ["# Mismatch lab report", "",
-             f"{len(runs)} runs: settings {', '.join(sorted({r.setting for r in runs}))}; seeds {seeds}; "
+             f"{len(runs)} finished runs ({unfinished} unfinished left out): settings {', '.join(dict.fromkeys(r.setting for r in runs))}; seeds {seeds}; "
              f"{total_minutes:.0f} minutes of runs. Regenerate: `alp lab --out {lab_dir}` (resumes, reruns nothing finished), "
              f"then `alp lab report {lab_dir}`.", "",
              "How the numbers are made:", "", _READING, ""]  # fmt: skip
