@@ -229,3 +229,25 @@ def test_mis_is_bypass_with_an_exact_engine_and_one_update_per_batch(tmp_path, t
     moved = max(float((bypass_weights[n] - tiny_weights[n]).abs().max()) for n in bypass_weights if n in tiny_weights)
     differs = max(float((mis_weights[n] - bypass_weights[n]).abs().max()) for n in bypass_weights)
     assert moved > 1e-4 and differs < 1e-3 * moved
+
+
+def test_envelopes_are_compared_at_matched_entropy_and_spikes_against_the_pooled_median():
+    from alp_agents.lab_report import Run, excess_width, spike_counts
+
+    def run(arm: str, seed: int, points: list[tuple[float, float]]) -> Run:
+        rows = [{"iteration": i + 1, "mismatch/sample_nll": nll, "mismatch/seq_log_width": width} for i, (nll, width) in enumerate(points)]
+        return Run(setting="s", arm=arm, seed=seed, rows=rows, seconds=1.0)
+
+    # Width grows with entropy for everyone. "slow" stays at high entropy, "sharp" at low entropy: the same relation,
+    # so neither is credited; "wide" sits 1 above the relation at every entropy.
+    slow = run("slow", 0, [(0.40, 2.0), (0.41, 2.0)])
+    sharp = run("sharp", 0, [(0.10, 1.0), (0.11, 1.0)])  # narrower than "slow" only because it is sharper
+    wide = run("wide", 0, [(0.10, 2.0), (0.11, 2.0), (0.40, 3.0), (0.41, 3.0)])
+    excess = excess_width([slow, sharp, wide], "mismatch/seq_log_width")
+    assert excess[("slow", 0)] == pytest.approx(excess[("sharp", 0)])
+    assert excess[("wide", 0)] - excess[("slow", 0)] == pytest.approx(1.0)
+
+    calm = Run(setting="s", arm="calm", seed=0, rows=[{"iteration": i, "mismatch/k3": 1e-3} for i in range(10)], seconds=1.0)
+    spiky = Run(setting="s", arm="spiky", seed=0, rows=[{"iteration": i, "mismatch/k3": 1e-2 if i in (3, 7) else 1e-3} for i in range(10)],
+                seconds=1.0)
+    assert spike_counts([calm, spiky], "mismatch/k3") == {("calm", 0): 0.0, ("spiky", 0): 2.0}
