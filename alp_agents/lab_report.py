@@ -12,6 +12,9 @@ How the numbers are made (also printed at the top of the report):
   a run's score is its mean excess width over the pooled mean of its bin, so an arm that merely learns
   slower (higher entropy, narrower envelope) is not credited for it.
 - KL spikes: iterations whose clean `mismatch/k3` exceeds 5x the median of every iteration of the setting.
+- drops: held-out evaluations more than 0.1 below the best earlier one of the same run (a collapse, recovered or not);
+  "worst seed" is the lowest final held-out accuracy over seeds. Both were added after the first full grid showed
+  seeds of some arms collapsing: read them as a description of that grid, to be confirmed with more seeds.
 - A difference between two arms counts when |mean difference| > 2 standard errors (seed to seed) and,
   for accuracy, > 0.02; otherwise it is "no difference beyond the seed spread".
 """
@@ -43,6 +46,7 @@ NLL = "mismatch/sample_nll"
 CLEAN_KL = "mismatch/k3"
 MAX_LOG_RATIO = "mismatch/max_abs_log_ratio"
 SPIKE_FACTOR = 5.0
+DROP = 0.1
 ACCURACY_FLOOR = 0.02
 NLL_BINS = 4
 
@@ -147,6 +151,11 @@ def _aligned(a: list[tuple[int, float]], b: list[tuple[int, float]]) -> list[tup
     return [((i, x), (i, other[i])) for i, x in a if i in other]
 
 
+def count_drops(accuracies: list[float]) -> int:
+    """Evaluations more than DROP below the best evaluation before them."""
+    return sum(value < max(accuracies[:i]) - DROP for i, value in enumerate(accuracies) if i > 0)
+
+
 def spike_counts(runs: Sequence[Run], key: str) -> dict[tuple[str, int], float]:
     """Per run, iterations whose `key` exceeds SPIKE_FACTOR x the median over every iteration of these runs."""
     pooled = [value for run in runs for _, value in run.series(key)]
@@ -172,6 +181,7 @@ class SettingTable:
     clean_width: dict[str, Summary]
     max_log_ratio: dict[str, Summary]
     kl_spikes: dict[str, Summary]
+    drops: dict[str, Summary]
     minutes: dict[str, Summary]
 
 
@@ -203,19 +213,21 @@ def setting_table(cfg: LabConfig, runs: list[Run], setting: str) -> SettingTable
         clean_width=per_arm(lambda r: _mean([v for _, v in r.series(CLEAN_WIDTH)])),
         max_log_ratio=per_arm(lambda r: max([v for _, v in r.series(MAX_LOG_RATIO)], default=math.nan)),
         kl_spikes=per_arm(lambda r: spikes.get((r.arm, r.seed), math.nan)),
+        drops=per_arm(lambda r: float(count_drops([v for _, v in r.series(ACCURACY)]))),
         minutes=per_arm(lambda r: r.seconds / 60),
     )
 
 
 def markdown_table(table: SettingTable, has_control: bool) -> str:
     """The setting's table: one row per arm, mean ± std over seeds in every cell."""
-    header = ["arm", "seeds", "held-out acc", "held-out mean", "of own control" if has_control else None, "clean env. ln(P98/P2)",
+    header = ["arm", "seeds", "held-out acc", "worst seed", "held-out mean", "drops", "of own control" if has_control else None, "clean env. ln(P98/P2)",
               "clean env. excess at matched NLL", "loss env. excess at matched NLL", "max clean abs log r",
               "KL-spike iters", "minutes / run"]  # fmt: skip
     header = [h for h in header if h is not None]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for arm, accuracy in table.accuracy.items():
-        cells = [arm, str(accuracy.n), accuracy.text(), table.accuracy_mean[arm].text(), table.of_control[arm].text(2) if has_control else None,
+        cells = [arm, str(accuracy.n), accuracy.text(), f"{min(accuracy.values):.3f}", table.accuracy_mean[arm].text(),
+                 table.drops[arm].text(1), table.of_control[arm].text(2) if has_control else None,
                  table.clean_width[arm].text(2), table.clean_excess[arm].text(2), table.loss_excess[arm].text(2),
                  table.max_log_ratio[arm].text(2), table.kl_spikes[arm].text(1), table.minutes[arm].text(1)]  # fmt: skip
         lines.append("| " + " | ".join(c for c in cells if c is not None) + " |")
