@@ -368,7 +368,8 @@ def _band_plot(runs: list[Run], arms: list[str], key: str, title: str, path: Pat
         if not by_iteration:
             continue
         x = sorted(by_iteration)
-        ax.plot(x, [statistics.fmean(by_iteration[j]) for j in x], color=f"C{i % 10}", label=arm, marker="." if len(x) < 20 else None)
+        ax.plot(x, [statistics.fmean(by_iteration[j]) for j in x], color=f"C{i % 10}", label=arm, marker="." if len(x) < 20 else None,
+                linestyle="-" if i < 10 else "--")  # ten colours, then dashed
         ax.fill_between(x, [min(by_iteration[j]) for j in x], [max(by_iteration[j]) for j in x], color=f"C{i % 10}", alpha=0.15)
         drawn = True
     return _finish(fig, ax, title, "iteration", key, path, drawn, log_y=log_y)
