@@ -124,7 +124,7 @@ def compare(a: Summary, b: Summary, *, floor: float = 0.0) -> tuple[float, float
     var_a = a.std**2 if a.n > 1 else 0.0
     var_b = b.std**2 if b.n > 1 else 0.0
     difference = a.mean - b.mean
-    standard_error = math.sqrt(var_a / a.n + var_b / b.n)
+    standard_error = math.sqrt(var_a / a.n + var_b / b.n) if a.n > 1 and b.n > 1 else math.nan  # one seed: no spread to judge by
     significant = abs(difference) > max(2 * standard_error, floor) and a.n > 1 and b.n > 1
     return difference, standard_error, (1 if difference > 0 else -1) if significant else 0
 
