@@ -111,9 +111,8 @@ async def _train(cfg: TrainConfig, run: RunDir, env_factory: Callable[[], Episod
     async def evaluate() -> dict[str, float]:
         if not eval_tasks:
             return {}
-        if pending is not None:  # async rollouts of the next batch must not sample from the evaluation's weights
-            await asyncio.wait({pending})
-        async with serving_exact_weights(engine, trainer.policy_state_dict, state.policy_version):
+        # Async rollouts of the next batch finish on the rollout weights before evaluation switches them.
+        async with serving_exact_weights(engine, trainer.policy_state_dict, state.policy_version, in_flight=pending):
             trajectories = await collect(env_factory, eval_tasks, engine, tokenizer, sampling=eval_sampling, group_size=schedule.eval_k,
                                          limits=rollout.limits, max_concurrency=rollout.max_concurrency, seed=10**6 + schedule.seed,
                                          progress=False)

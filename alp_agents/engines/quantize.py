@@ -15,10 +15,11 @@ embedding by the engine, as in weight-only quantisation schemes.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -35,10 +36,6 @@ class Quantization(Config):
     """Bits per weight: grid -2^(bits-1) .. 2^(bits-1) - 1 (int4: -8..7); 2 and 3 amplify the mismatch beyond real schemes."""
     group_size: int | None = Field(32, ge=1)
     """Consecutive weights of a row that share one scale; None: one scale per output row."""
-
-    def describe(self) -> str:
-        """A short name such as 'int4g32' or 'int8' (per row)."""
-        return f"int{self.bits}" + (f"g{self.group_size}" if self.group_size else "")
 
 
 def is_quantised(name: str, tensor: Tensor) -> bool:
@@ -108,17 +105,22 @@ class FakeQuantizedEngine(ClosesOnExit):
 
 
 @asynccontextmanager
-async def serving_exact_weights(engine: InferenceEngine, weights: Callable[[], NamedTensors], version: int) -> AsyncIterator[None]:
+async def serving_exact_weights(engine: InferenceEngine, weights: Callable[[], NamedTensors], version: int, *,
+                                in_flight: asyncio.Future[Any] | None = None) -> AsyncIterator[None]:
     """Inside the block a FakeQuantizedEngine serves `weights()` unquantised (any other engine is left alone).
 
     Evaluation runs inside it, so held-out accuracy measures the trained policy itself, not the engine's
     degraded copy; on the way out the quantised weights are pushed back for the next rollouts.
+    `in_flight`: rollouts that must finish on the quantised weights before the switch (async rollouts).
     """
     if not isinstance(engine, FakeQuantizedEngine):
         yield
         return
-    await engine.engine.update_weights(weights(), version)
+    if in_flight is not None:
+        await asyncio.wait({in_flight})
+    exact = weights()
+    await engine.engine.update_weights(exact, version)
     try:
         yield
     finally:
-        await engine.update_weights(weights(), version)
+        await engine.update_weights(exact, version)
