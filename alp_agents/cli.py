@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
 app = typer.Typer(help="ALP Agents: train tool-using LLM agents with multi-turn RL and ALP.", no_args_is_help=True)
 console = Console()
+stderr = Console(stderr=True, soft_wrap=True, emoji=False)  # one line however narrow the terminal: a scheduler can grep it
+
+NEVER_UPDATED_EXIT_CODE = 3
 
 if TYPE_CHECKING:
     from alp_agents.evaluation import RolloutStats
@@ -61,7 +66,7 @@ def make_demos(
     """Write expert demonstrations of the calculator tool env (for `alp sft`)."""
     from alp_agents import jobs
 
-    path = jobs.make_demos(out, n=n, difficulty=difficulty, seed=seed, env_kwargs=json.loads(env_args))
+    path = jobs.make_demos(out, n=n, difficulty=difficulty, seed=seed, env_kwargs=parse_env_args(env_args))
     console.print(f"wrote {n} demonstrations to {path}")
 
 
@@ -93,10 +98,16 @@ def train_command(
     """The RL loop: rollouts, ALP update, weight sync, evaluation, checkpoints."""
     from alp_agents import jobs
 
+    from alp_agents.trainers.loop import why_never_updated
+
     extra = ([f"trainer.algo={algo}"] if algo else []) + ([f"engine.servers={json.dumps(servers)}"] if servers else [])
     rows = jobs.train_from_config(config, (overrides or []) + extra, run_dir, resume=resume)
-    if rows:
-        console.print(f"done: iteration {rows[-1]['iteration']}; metrics, checkpoint and plots in {run_dir}")
+    if not rows:
+        return
+    console.print(f"done: iteration {rows[-1]['iteration']}; metrics, checkpoint and plots in {run_dir}")
+    if problem := why_never_updated(rows):
+        stderr.print("[bold red]warning:[/]", escape(problem))
+        raise SystemExit(NEVER_UPDATED_EXIT_CODE)
 
 
 @app.command()
@@ -127,7 +138,7 @@ def eval_command(
     from alp_agents.rollout import RolloutLimits
     from alp_agents.trainers.run_config import EnvSection
 
-    report = jobs.evaluate(model, EnvSection(id=env, kwargs=json.loads(env_args)), data, k=k, out=out,
+    report = jobs.evaluate(model, EnvSection(id=env, kwargs=parse_env_args(env_args)), data, k=k, out=out,
                            sampling=SamplingConfig(temperature=temperature),
                            limits=RolloutLimits(max_turns=max_turns, max_tokens_per_turn=max_tokens), servers=servers or [])
     print_stats(report.stats, title=f"{model} on {data} ({report.seconds:.0f} s)")
@@ -153,7 +164,7 @@ def rollout(
     from alp_agents.trainers.run_config import EnvSection
     from alp_agents.trajectory import write_trajectories
 
-    trajectories = jobs.rollout_tasks(model, EnvSection(id=env, kwargs=json.loads(env_args)), jobs.tasks_from_argument(data), k=k,
+    trajectories = jobs.rollout_tasks(model, EnvSection(id=env, kwargs=parse_env_args(env_args)), jobs.tasks_from_argument(data), k=k,
                                       sampling=SamplingConfig(temperature=temperature), limits=RolloutLimits(max_turns=max_turns),
                                       servers=servers or [])
     console.print(f"wrote {len(trajectories)} trajectories to {write_trajectories(out, trajectories)}")
@@ -177,6 +188,7 @@ def show(
         text.append(tokenizer.decode([token]), style="bold green" if mask else "dim")
     console.print(text)
     console.print(f"\nreward {trajectory.reward}  finish {trajectory.finish_reason}  turns {len(trajectory.turns)}  "
+                  f"tool calls {trajectory.num_tool_calls} (failed {trajectory.num_tool_errors})  "
                   f"tokens {len(trajectory.token_ids)} (trained {trajectory.num_sampled_tokens})  policy v{trajectory.policy_version}")
 
 
@@ -226,6 +238,20 @@ def lab_report(lab_dir: Annotated[Path, typer.Argument(help="A lab directory wri
     console.print(str(write_report(lab_dir)))
 
 
+def parse_env_args(env_args: str) -> dict[str, Any]:
+    """The `--env-args` JSON object; ConfigError naming the option if it is not one."""
+    from alp_agents.errors import ConfigError
+
+    try:
+        kwargs = json.loads(env_args)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--env-args is not valid JSON ({e.msg} at column {e.colno}): pass an object, e.g. '{{\"max_turns\": 3}}'") from e
+    if not isinstance(kwargs, dict):
+        raise ConfigError(f"--env-args must be a JSON object of keyword arguments, got {type(kwargs).__name__}: "
+                          "e.g. '{\"max_turns\": 3}'")
+    return kwargs
+
+
 def print_generation_report(report: GenerationReport) -> None:
     table = Table("prompt", "reply", "tokens", "finish")
     for completion in report.completions:
@@ -242,14 +268,30 @@ def print_stats(stats: RolloutStats, *, title: str) -> None:
 
 
 def main() -> None:
-    """Entry point of the `alp` script: errors we raise on purpose print as one line, not a traceback."""
-    from alp_agents.errors import AlpError
+    """Entry point of the `alp` script: errors we raise on purpose print as one line, not a traceback.
 
+    Exit codes: 0 done; 2 an error we raised on purpose (bad input, lost engine); 3 a training run that
+    finished without one update; 128 + the signal's number when SIGINT (130) or SIGTERM (143) stopped it.
+    """
+    from alp_agents.errors import AlpError, Interrupted
+
+    signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM unwinds like Ctrl-C: engines close, nothing is left behind
     try:
         app()
+    except Interrupted as stopped:
+        stderr.print("[bold yellow]interrupted:[/]", escape(str(stopped)))
+        raise SystemExit(stopped.exit_code) from None
     except AlpError as error:
-        Console(stderr=True).print(f"[bold red]error:[/] {error}")
+        stderr.print("[bold red]error:[/]", escape(str(error)))  # a message may hold [brackets]: print them as they are
         raise SystemExit(2) from None
+    except KeyboardInterrupt as interrupt:
+        signal_number = interrupt.args[0] if interrupt.args else signal.SIGINT
+        stderr.print(f"[bold yellow]interrupted:[/] {signal.Signals(signal_number).name}")
+        raise SystemExit(128 + signal_number) from None
+
+
+def _interrupt(signal_number: int, _frame: object) -> None:
+    raise KeyboardInterrupt(signal_number)
 
 
 if __name__ == "__main__":

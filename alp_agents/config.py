@@ -63,7 +63,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def load_config(model: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
-    """Load `model` from a TOML file (optional) plus overrides; fail with every bad field named."""
+    """Load `model` from a TOML file (optional) plus overrides; fail with every bad field named, and
+    with the `--set` override that set it where one did."""
+    overrides = overrides or []
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -73,16 +75,34 @@ def load_config(model: type[C], path: str | Path | None = None, overrides: list[
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path} is not valid TOML: {e}") from e
-    return load_config_data(model, apply_overrides(data, overrides or []), where=str(path) if path is not None else None)
+    return load_config_data(model, apply_overrides(data, overrides), where=str(path) if path is not None else None, overrides=overrides)
 
 
-def load_config_data(model: type[C], data: dict[str, Any], *, where: str | None = None) -> C:
-    """Validate plain data (e.g. parsed TOML) as `model`; fail with every bad field named."""
+def load_config_data(model: type[C], data: dict[str, Any], *, where: str | None = None, overrides: list[str] | None = None) -> C:
+    """Validate plain data (e.g. parsed TOML) as `model`; fail with every bad field named.
+
+    A bad field that one of `overrides` set is blamed on that `--set` override rather than on `where`
+    (the file), which may not even mention the field. One problem makes a one-line message.
+    """
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        problems = "\n".join(f"  - {_describe(model, err)}" for err in e.errors())
-        raise ConfigError(f"invalid config{f' in {where}' if where else ''}:\n{problems}") from e
+        errors = e.errors()
+        blamed = [_override_of([str(part) for part in err["loc"]], overrides or []) for err in errors]
+        problems = [_describe(model, err) + (f" (from --set {override})" if override else "") for err, override in zip(errors, blamed)]
+        head = f"invalid config{f' in {where}' if where and None in blamed else ''}"
+        if len(problems) == 1:
+            raise ConfigError(f"{head}: {problems[0]}") from e
+        raise ConfigError(head + ":" + "".join(f"\n  - {problem}" for problem in problems)) from e
+
+
+def _override_of(loc: list[str], overrides: list[str]) -> str | None:
+    """The last override (the one that wins) that set the field at `loc`, a section holding it, or a value inside it."""
+    for override in reversed(overrides):
+        key, _ = parse_override(override)
+        if loc and (loc[: len(key)] == key or key[: len(loc)] == loc):
+            return override
+    return None
 
 
 def _describe(model: type[BaseModel], error: Any) -> str:

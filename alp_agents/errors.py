@@ -7,6 +7,8 @@
     ├── EngineError               the inference engine failed a request
     │   ├── EngineTimeout         a request took longer than its deadline
     │   └── EngineUnavailable     the engine or server cannot be reached / has shut down
+    ├── CheckpointError           a checkpoint cannot be written (disk space) or found
+    ├── Interrupted               SIGINT/SIGTERM stopped a run after its checkpoint (exit 128 + signal)
     ├── EnvError                  an environment broke its contract (see check_env)
     ├── ToolError                 a tool could not be defined or registered
     └── SandboxError              the Python sandbox cannot provide the isolation asked for
@@ -43,6 +45,23 @@ class EngineTimeout(EngineError):
 
 class EngineUnavailable(EngineError):
     """The inference engine or server cannot be reached, or has been closed."""
+
+
+class CheckpointError(AlpError):
+    """A checkpoint cannot be written (not enough disk space, a write failed) or read back."""
+
+
+class Interrupted(AlpError):
+    """SIGINT or SIGTERM stopped the run; the work in flight was cancelled and the last completed iteration saved."""
+
+    def __init__(self, message: str, signal_number: int) -> None:
+        super().__init__(message)
+        self.signal_number = signal_number
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's convention for a process ended by a signal: 130 for SIGINT, 143 for SIGTERM."""
+        return 128 + self.signal_number
 
 
 class EnvError(AlpError):

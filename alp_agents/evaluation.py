@@ -38,7 +38,8 @@ class RolloutStats(BaseModel):
     tool_calls_per_episode: float
     """Tool calls per episode."""
     tool_error_rate: float
-    """Failed tool calls / tool calls (malformed, unknown tool, invalid arguments, tool raised)."""
+    """Failed tool calls / tool calls (malformed, unknown tool, invalid arguments, tool raised or timed out,
+    a sandboxed program that failed or hit a limit)."""
     void_turn_rate: float
     """Turns with neither a valid tool call nor an answer / turns."""
     truncation_rate: float
@@ -71,7 +72,7 @@ def rollout_stats(trajectories: Sequence[Trajectory]) -> RolloutStats:
         groups[t.group_id].append(t)
     k = min((len(g) for g in groups.values()), default=0)
     turns = [turn for t in ok for turn in t.turns]
-    tool_calls = sum(len(turn.tool_results) for turn in turns)
+    tool_calls = sum(t.num_tool_calls for t in ok)
     return RolloutStats(
         episodes=len(trajectories),
         tasks=len(groups),
@@ -81,7 +82,7 @@ def rollout_stats(trajectories: Sequence[Trajectory]) -> RolloutStats:
         mean_reward=_mean([t.reward for t in ok]),
         mean_turns=_mean([len(t.turns) for t in ok]),
         tool_calls_per_episode=tool_calls / max(len(ok), 1),
-        tool_error_rate=sum(turn.tool_errors for turn in turns) / max(tool_calls, 1),
+        tool_error_rate=sum(t.num_tool_errors for t in ok) / max(tool_calls, 1),
         void_turn_rate=sum(turn.void for turn in turns) / max(len(turns), 1),
         truncation_rate=_mean([float(t.finish_reason in TRUNCATED) for t in ok]),
         failure_rate=(len(trajectories) - len(ok)) / max(len(trajectories), 1),

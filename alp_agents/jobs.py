@@ -11,11 +11,12 @@ import difflib
 import importlib
 import json
 import os
+import re
 import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import gymnasium
 import torch
@@ -30,7 +31,7 @@ from alp_agents.engines import OpenAIServerEngine, VLLMEngine
 from alp_agents.engines.base import SamplingConfig
 from alp_agents.envs import Task, arithmetic_tasks, load_jsonl_tasks, split_tasks
 from alp_agents.envs.demos import make_demonstrations
-from alp_agents.errors import ConfigError
+from alp_agents.errors import ConfigError, ModelError
 from alp_agents.evaluation import RolloutStats, rollout_stats
 from alp_agents.rollout import EpisodeEnv, RolloutLimits, collect
 from alp_agents.tiny import build_tiny_model
@@ -42,9 +43,14 @@ from alp_agents.trainers.run_dir import RunDir
 from alp_agents.trainers.sft import SFTConfig, run_sft
 from alp_agents.trainers.trainer import load_policy, training_device
 
+E = TypeVar("E", bound=EpisodeEnv)
+ARITHMETIC_DATA = re.compile(r"arithmetic(:-?\d+){1,3}")
+"""`--data arithmetic:N[:difficulty[:seed]]`."""
+
 
 def env_factory(section: EnvSection) -> Callable[[], EpisodeEnv]:
-    """A function making one fresh environment per episode; fails now, naming the id, if it does not exist.
+    """A function making one fresh environment per episode; fails now (ConfigError) if the id does not
+    exist or one environment cannot be built from `env.kwargs`.
 
     `env.id` is a registered gymnasium id, or `module:id` to import your own module (which registers
     its environments) first, as gymnasium.make itself allows: e.g. "my_envs:Unit-v0".
@@ -57,7 +63,22 @@ def env_factory(section: EnvSection) -> Callable[[], EpisodeEnv]:
         close = difflib.get_close_matches(env_id, list(gymnasium.registry), n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise ConfigError(f"env.id {section.id!r} is not registered; {hint}built-in ids: {', '.join(known)}")
-    return lambda: gymnasium.make(env_id, **section.kwargs)
+    return built_once(lambda: gymnasium.make(env_id, **section.kwargs), section)
+
+
+def built_once(make: Callable[[], E], section: EnvSection) -> Callable[[], E]:
+    """`make`, once it has built (and closed) one environment of `section`.
+
+    Environments are otherwise built per episode, so a typo in `env.kwargs` would surface only after
+    the engine started, inside a group of failed episodes.
+    """
+    try:
+        make().close()
+    except Exception as e:
+        error = " ".join(f"{type(e).__name__}: {e}".split())  # one line, whatever the environment raised
+        raise ConfigError(f"environment {section.id!r} cannot be built from env.kwargs {section.kwargs} "
+                          f"(--env-args on the command line): {error}") from e
+    return make
 
 
 def load_tasks(section: DataSection) -> tuple[list[Task], list[Task]]:
@@ -65,7 +86,12 @@ def load_tasks(section: DataSection) -> tuple[list[Task], list[Task]]:
     if section.source == "jsonl":
         if not section.path:
             raise ConfigError("data.path is empty: data.source = 'jsonl' needs the file's path")
+        if not Path(section.path).is_file():
+            raise ConfigError(f"data.path {section.path!r} is not a file: point it at a JSON Lines file with problem/answer/id fields")
         tasks = load_jsonl_tasks(section.path)
+        if section.eval_size >= len(tasks):
+            raise ConfigError(f"data.eval_size = {section.eval_size} holds out all {len(tasks)} tasks of {section.path}, "
+                              "leaving none to train on: lower data.eval_size")
     else:
         tasks = arithmetic_tasks(section.train_size + section.eval_size, seed=section.seed, difficulty=section.difficulty)
     if section.eval_size == 0:
@@ -76,8 +102,20 @@ def load_tasks(section: DataSection) -> tuple[list[Task], list[Task]]:
 def resolve_model(section: ModelSection, work_dir: Path) -> Path:
     """The model directory of a model section, building the default model when no path is given."""
     if section.path:
-        return Path(section.path)
+        return model_directory(section.path, option="model.path")
     return build_tiny_model(work_dir / f"default-{section.size}-seed{section.seed}", seed=section.seed, size=section.size)
+
+
+def model_directory(path: str | Path, *, option: str) -> Path:
+    """`path`, if it is a Hugging Face model directory; else ModelError naming `option` and the path.
+
+    Without this check, transformers reads a missing directory as a model hub id and fails deep inside.
+    """
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        found = "does not exist" if not path.exists() else "is not a Hugging Face model directory (no config.json)"
+        raise ModelError(f"{option} {str(path)!r} {found}: pass a model directory, e.g. one written by `alp init-model DIR` or `alp sft`")
+    return path
 
 
 # -- alp train ------------------------------------------------------------------------------------
@@ -94,9 +132,9 @@ def train_from_config(config: Path | None, overrides: list[str], run_dir: Path, 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return train_on_ranks(cfg, run_dir, resume=resume)
     train_tasks, eval_tasks = load_tasks(cfg.data)
-    model_dir = resolve_model(cfg.model, run_dir)
-    return train(cfg, run_dir, env_factory=env_factory(cfg.env), model_dir=model_dir, train_tasks=train_tasks,
-                 eval_tasks=eval_tasks, resume=resume)
+    make_env = env_factory(cfg.env)
+    model_dir = resolve_model(cfg.model, RunDir(run_dir).path)  # RunDir refuses an unwritable directory before a model is built in it
+    return train(cfg, run_dir, env_factory=make_env, model_dir=model_dir, train_tasks=train_tasks, eval_tasks=eval_tasks, resume=resume)
 
 
 def train_on_ranks(cfg: TrainConfig, run_dir: Path, *, resume: bool) -> list[dict[str, Any]]:
@@ -140,7 +178,8 @@ def train_on_ranks(cfg: TrainConfig, run_dir: Path, *, resume: bool) -> list[dic
 def make_demos(out: Path, *, n: int, difficulty: int, seed: int, env_kwargs: dict[str, Any]) -> Path:
     """`alp make-demos`: n expert demonstrations on synthetic arithmetic in a ToolEnv."""
     tasks = arithmetic_tasks(n, seed=seed, difficulty=difficulty)
-    return write_demonstrations(out, make_demonstrations(lambda: alp_agents.envs.ToolEnv(**env_kwargs), tasks))
+    make_env = built_once(lambda: alp_agents.envs.ToolEnv(**env_kwargs), EnvSection(id="alp_agents/ToolMath-v0", kwargs=env_kwargs))
+    return write_demonstrations(out, make_demonstrations(make_env, tasks))
 
 
 def sft(model_dir: Path, demos: Path, out: Path, cfg: SFTConfig) -> list[dict[str, float]]:
@@ -177,12 +216,13 @@ class EvalReport(BaseModel):
 def rollout_tasks(model_dir: Path, env: EnvSection, tasks: list[Task], *, k: int, sampling: SamplingConfig,
                   limits: RolloutLimits, servers: list[str], seed: int = 0) -> list[Trajectory]:
     """Play k episodes of every task with the model, in-process or on vLLM servers."""
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_directory(model_dir, option="--model"))
+    make_env = env_factory(env)  # before the engine starts: a bad env.kwargs fails in a second, not after a minute
 
     async def run() -> list[Trajectory]:
         engine = OpenAIServerEngine(servers) if servers else await VLLMEngine.start(model_dir, seed=seed)
         async with engine:
-            return await collect(env_factory(env), tasks, engine, tokenizer, sampling=sampling, group_size=k, limits=limits, seed=seed)
+            return await collect(make_env, tasks, engine, tokenizer, sampling=sampling, group_size=k, limits=limits, seed=seed)
 
     return asyncio.run(run())
 
@@ -201,8 +241,15 @@ def evaluate(model_dir: Path, env: EnvSection, data: str, *, k: int, out: Path |
 def tasks_from_argument(data: str) -> list[Task]:
     """Tasks from `--data`: a JSONL file, or `arithmetic:N[:difficulty[:seed]]` for synthetic problems."""
     if data.startswith("arithmetic:"):
+        if not ARITHMETIC_DATA.fullmatch(data):
+            raise ConfigError(f"--data {data!r} is not arithmetic:N[:difficulty[:seed]] with whole numbers, e.g. arithmetic:64:2")
         n, difficulty, seed = ([int(part) for part in data.split(":")[1:]] + [2, 0])[:3]
-        return arithmetic_tasks(n, seed=seed, difficulty=difficulty)
+        if n < 1:
+            raise ConfigError(f"--data {data!r} asks for {n} problems: ask for at least 1")
+        try:
+            return arithmetic_tasks(n, seed=seed, difficulty=difficulty)
+        except ValueError as e:
+            raise ConfigError(f"--data {data!r}: {e}") from e
     if not Path(data).is_file():
         raise ConfigError(f"--data {data!r} is neither a JSONL file nor 'arithmetic:N[:difficulty[:seed]]'")
     return load_jsonl_tasks(data)

@@ -12,16 +12,25 @@ Token-in, token-out. An episode's token ids are built by appending, never by re-
 so the trainer scores exactly the tokens the engine sampled, in the context the engine saw, and
 tool output never carries loss. A turn cut by a token limit ends the episode (finish_reason
 "max_tokens" for the per-turn limit, "context" for the total) without stepping the environment.
-An exception anywhere in an episode (tool crash, grader timeout, engine error) ends that episode
-with finish_reason "error" and the error in `metadata["error"]`; the batch goes on.
+
+Isolation: an exception anywhere in an episode (an env that cannot be built, a tool crash, a
+grader timeout, an engine error on one request, `episode_timeout_s`) ends that episode with
+finish_reason "error" and the error in `metadata["error"]`; the batch goes on. The one exception
+is EngineUnavailable (no engine left to ask): `collect` cancels every episode and raises it. A
+callback that blocks the event loop (blocking code in an async env) stalls every episode and
+every timeout; a watchdog thread logs a warning naming the function that blocks, and an episode
+that overran its timeout meanwhile is failed once the loop runs again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
+import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Protocol
 
 from pydantic import Field
@@ -31,7 +40,13 @@ from transformers import PreTrainedTokenizerBase
 from alp_agents.chat import continuation_token_ids, prompt_token_ids
 from alp_agents.config import Config
 from alp_agents.engines.base import InferenceEngine, SamplingConfig
+from alp_agents.errors import EngineUnavailable
 from alp_agents.trajectory import Message, ToolCall, Trajectory, Turn
+
+logger = logging.getLogger(__name__)
+
+LOOP_STALL_WARNING_S = 1.0
+"""The event loop not running for this long (something blocked it) logs a warning during `collect`."""
 
 
 class EpisodeEnv(Protocol):
@@ -77,7 +92,8 @@ async def collect(
     request gets its own seed derived from it, the episode's seed and the turn, so a rollout can
     be replayed exactly (the training loop relies on this to resume). A failed
     episode comes back with finish_reason 'error'; cancelling `collect` cancels every episode and
-    closes its environment.
+    closes its environment, and so does an episode that finds the engine gone, whose
+    EngineUnavailable `collect` then raises.
     """
     limits = limits or RolloutLimits()
     slots = asyncio.Semaphore(max_concurrency)
@@ -97,12 +113,15 @@ async def collect(
         return trajectory
 
     try:
-        async with asyncio.TaskGroup() as group:
-            jobs = [
-                group.create_task(one(t * group_size + k, task, f"{t}:{_task_id(task)}"))
-                for t, task in enumerate(tasks)
-                for k in range(group_size)
-            ]
+        with _LoopWatchdog(LOOP_STALL_WARNING_S):
+            async with asyncio.TaskGroup() as group:
+                jobs = [
+                    group.create_task(one(t * group_size + k, task, f"{t}:{_task_id(task)}"))
+                    for t, task in enumerate(tasks)
+                    for k in range(group_size)
+                ]
+    except* EngineUnavailable as lost:  # the group has cancelled the other episodes; only the engine's loss matters
+        raise lost.exceptions[0] from None
     finally:
         bar.close()
     return [job.result() for job in jobs]
@@ -123,17 +142,41 @@ async def run_episode(
     *,
     seed: int,
 ) -> Trajectory:
-    """Play one episode; never raises except on cancellation (failures are recorded in the trajectory)."""
+    """Play one episode; raises only on cancellation and EngineUnavailable (other failures are recorded in the trajectory)."""
     episode = _Episode(task_id=_task_id(task))
-    env = env_factory()
+    env: EpisodeEnv | None = None
     try:
-        async with asyncio.timeout(limits.episode_timeout_s):
-            await episode.play(env, task, engine, tokenizer, sampling, limits, seed)
+        env = env_factory()  # in the try: an env that cannot be built fails its episode, not the batch
+        await _within(limits.episode_timeout_s, episode.play(env, task, engine, tokenizer, sampling, limits, seed))
+    except EngineUnavailable:
+        raise  # no engine left: every other episode would fail the same way, so the batch stops
     except Exception as error:  # noqa: BLE001 - a bad episode is data, not a crash of the batch
         episode.fail(error)
     finally:
-        env.close()
+        if env is not None:
+            env.close()
     return episode.trajectory()
+
+
+async def _within(timeout_s: float, play: Coroutine[Any, Any, None]) -> None:
+    """Await `play` for at most `timeout_s` seconds; TimeoutError naming the limit past it.
+
+    `asyncio.timeout` alone misses a deadline that passed while a callback blocked the loop (the
+    episode may finish before the timeout's handle ever runs), hence the check after it.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    scope = asyncio.timeout_at(deadline)
+    message = f"the episode ran longer than its episode_timeout_s of {timeout_s:g} s"
+    try:
+        async with scope:
+            await play
+    except TimeoutError:
+        if not scope.expired():
+            raise
+        raise TimeoutError(message) from None
+    if loop.time() > deadline:
+        raise TimeoutError(f"{message} (the event loop was blocked past the deadline, most likely by blocking code in an async env or tool)")
 
 
 class _Episode:
@@ -220,6 +263,61 @@ class _Episode:
             finish_reason=self.finish_reason,
             metadata=self.metadata,
         )
+
+
+class _LoopWatchdog:
+    """Logs a warning when a callback blocks the event loop for more than `threshold_s`.
+
+    A blocked loop cannot notice that it is blocked, so a daemon thread watches a heartbeat that the
+    loop updates every `threshold_s / 4` (call_later: no task to cancel). When the heartbeat is
+    older than `threshold_s`, the thread reads the loop thread's stack to name the code that blocks
+    it (usually an env's or tool's async method calling blocking code: time.sleep, a sync client,
+    heavy CPU work), once per stall.
+    """
+
+    def __init__(self, threshold_s: float) -> None:
+        self.threshold_s = threshold_s
+        self.beat = time.monotonic()
+        self._stop = threading.Event()
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._handle: asyncio.TimerHandle | None = None
+
+    def __enter__(self) -> _LoopWatchdog:
+        self._tick()
+        threading.Thread(target=self._watch, name="alp-loop-watchdog", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        if self._handle is not None:
+            self._handle.cancel()
+
+    def _tick(self) -> None:
+        self.beat = time.monotonic()
+        self._handle = self._loop.call_later(self.threshold_s / 4, self._tick)
+
+    def _watch(self) -> None:
+        reported = None
+        while not self._stop.wait(self.threshold_s / 4):
+            beat = self.beat
+            stalled_s = time.monotonic() - beat
+            if stalled_s > self.threshold_s and beat != reported:
+                reported = beat
+                logger.warning(
+                    "the event loop has been blocked for %.1f s by %s; every episode and timeout waits meanwhile "
+                    "(episode_timeout_s cannot fire). Make that code async, or run it in a thread (a Tool's sync `run` is)",
+                    stalled_s, self._blocker(),
+                )
+
+    def _blocker(self) -> str:
+        """The innermost Python frames the loop thread is running, each followed by its caller."""
+        frame = sys._current_frames().get(self._loop_thread)
+        frames = []
+        while frame is not None and len(frames) < 3:
+            frames.append(f"{frame.f_code.co_qualname} ({frame.f_code.co_filename}:{frame.f_lineno})")
+            frame = frame.f_back
+        return " <- ".join(frames) or "unknown code"
 
 
 def _turn(text: str, generation: Any, generation_s: float, env_s: float, new_messages: list[Message], reward: float,

@@ -14,12 +14,27 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticSerializationError
 
 from alp_agents.errors import TrajectoryError
 
 Role = Literal["system", "user", "assistant", "tool"]
 M = TypeVar("M", bound=BaseModel)
+
+
+def valid_text(text: str) -> str:
+    """`text` with every lone surrogate (U+D800..U+DFFF) replaced by U+FFFD, and surrogate pairs joined.
+
+    A Python str can hold surrogates (bytes decoded with errors="surrogateescape", a tool that slices
+    UTF-16), but UTF-8 cannot: a tokenizer or a JSON writer fails on them. Text that is already valid
+    comes back unchanged (the same object).
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    return text
 
 
 class ToolCall(BaseModel):
@@ -57,6 +72,13 @@ class Message(BaseModel):
     """For a tool message: the tool that produced it."""
     tool_call_id: str | None = None
     """For a tool message: the id of the call it answers, when the call had one."""
+
+    @field_validator("content")
+    @classmethod
+    def _valid_utf8(cls, content: str) -> str:
+        # The boundary where tool output and env text become conversation: a lone surrogate here
+        # would fail the tokenizer mid-episode, so it becomes U+FFFD and the episode goes on.
+        return valid_text(content)
 
     def to_chat(self) -> dict[str, Any]:
         """The dict a Hugging Face chat template or an OpenAI-compatible server expects."""
@@ -159,6 +181,16 @@ class Trajectory(BaseModel):
         """How many tokens the policy sampled (the tokens that carry loss)."""
         return sum(self.loss_mask)
 
+    @property
+    def num_tool_calls(self) -> int:
+        """How many tool calls the episode made (one tool result each, failed ones included)."""
+        return sum(len(turn.tool_results) for turn in self.turns)
+
+    @property
+    def num_tool_errors(self) -> int:
+        """How many of them failed (see Turn.tool_errors)."""
+        return sum(turn.tool_errors for turn in self.turns)
+
 
 def write_jsonl(path: str | Path, records: Iterable[BaseModel]) -> Path:
     """Write pydantic records to `path` as JSON Lines (one per line) and return the path."""
@@ -166,8 +198,17 @@ def write_jsonl(path: str | Path, records: Iterable[BaseModel]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
         for record in records:
-            f.write(record.model_dump_json() + "\n")
+            f.write(_json_line(record) + "\n")
     return path
+
+
+def _json_line(record: BaseModel) -> str:
+    try:
+        return record.model_dump_json()
+    except PydanticSerializationError:
+        # Most likely a lone surrogate in free-form text (an error message in metadata): UTF-8 cannot
+        # encode it, but a JSON escape (\udXXX) can, and reading the line gives back the same str.
+        return json.dumps(record.model_dump(mode="json"))
 
 
 def read_jsonl(path: str | Path, model: type[M], *, what: str) -> list[M]:

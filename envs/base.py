@@ -25,6 +25,7 @@ from typing_extensions import TypedDict  # pydantic can validate typing.TypedDic
 
 from alp_agents.envs.tasks import Task
 from alp_agents.errors import EnvError
+from alp_agents.tools.base import WorkerThreads
 from alp_agents.trajectory import Message, ToolCall
 
 T = TypeVar("T")
@@ -34,6 +35,12 @@ ToolCallStyle = Literal["hermes", "python"]
 
 MAX_ACTION_CHARS = 1_000_000
 """Upper bound of the action space: far beyond any turn a token budget allows."""
+
+GRADING_THREADS = WorkerThreads(8, "alp-grading")
+"""Threads that wait for the grader (its symbolic work runs in killable processes, see grading.py).
+
+Apart from the loop's default executor, which the trainer step uses: grading never queues behind
+a training step, nor a step behind a batch of grading."""
 
 
 class ResetInfo(TypedDict):

@@ -9,11 +9,10 @@ whole response. The episode always ends after the first turn.
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections.abc import Sequence
 
-from alp_agents.envs.base import TextEnv, TurnResult
+from alp_agents.envs.base import GRADING_THREADS, TextEnv, TurnResult
 from alp_agents.envs.grading import extract_answer, grade
 from alp_agents.envs.tasks import Task
 from alp_agents.errors import EnvError
@@ -44,6 +43,6 @@ class MathEnv(TextEnv):
     async def respond(self, action: str) -> TurnResult:
         """Grade the response; the episode ends here."""
         answer = extract_answer(action)
-        correct = await asyncio.to_thread(grade, action, self.task.answer, timeout_s=self.grade_timeout_s)
+        correct = await GRADING_THREADS.run(grade, action, self.task.answer, timeout_s=self.grade_timeout_s)
         penalty = self.format_penalty if answer is None else 0.0
         return TurnResult(reward=float(correct) - penalty, terminated=True, void_turn=answer is None, answer=answer, correct=correct)

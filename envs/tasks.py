@@ -173,19 +173,20 @@ def load_jsonl_tasks(
     """Read one task per line of a JSON Lines file (blank lines are skipped).
 
     `problem_key`, `answer_key` and `id_key` name the fields to read; every other field goes into the
-    task's metadata. Numbers in the answer or id fields are read as their text. A line that is not a
-    JSON object, a missing or empty field, or a repeated id raises TaskError naming the file, the line
-    and the field.
+    task's metadata. Numbers in the answer or id fields are read as their text. A line that is not
+    UTF-8 or not a JSON object, a missing or empty field, or a repeated id raises TaskError naming the
+    file, the line and the field; so does a file without a single task.
     """
     path = Path(path)
     keys = {"problem_key": problem_key, "answer_key": answer_key, "id_key": id_key}
     tasks: list[Task] = []
     first_line_of: dict[str, int] = {}
-    with path.open(encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
+    with path.open("rb") as f:  # decoded line by line, so that a bad byte is reported with its line
+        for line_number, raw in enumerate(f, start=1):
+            where = f"{path}:{line_number}"
+            line = _decode(raw, where)
             if not line.strip():
                 continue
-            where = f"{path}:{line_number}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
@@ -199,7 +200,17 @@ def load_jsonl_tasks(
             first_line_of[task_id] = line_number
             metadata = {key: value for key, value in record.items() if key not in keys.values()}
             tasks.append(Task(id=task_id, prompt=values["problem_key"], answer=values["answer_key"], metadata=metadata))
+    if not tasks:
+        raise TaskError(f"{path}: no tasks (the file is empty or has only blank lines); expected one JSON object per line")
     return tasks
+
+
+def _decode(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TaskError(f"{where}: not UTF-8 text (byte {raw[e.start]:#04x} at byte {e.start + 1} of the line); "
+                        "save the file as UTF-8") from e
 
 
 def _text_field(record: dict[str, Any], key: str, param: str, where: str) -> str:

@@ -10,22 +10,24 @@ Each assistant turn may call tools; every call gets one `tool` message back, and
 A call that cannot be parsed, names an unknown tool, has invalid arguments, or fails in the tool
 comes back as a tool message saying exactly what was wrong; it never raises. Such calls count in
 `info["tool_errors"]`, and a turn none of whose calls succeeded is a void turn. (A Python program
-that runs and raises is a successful call: the model reads its traceback.) Tool output longer than
+that raises, exits non-zero or hits a sandbox limit is a failed call too; the model still reads its output.) Tool output longer than
 `max_tool_output_chars` is cut there and marked `...[truncated]`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import difflib
+import importlib
 import math
 from collections.abc import Sequence
 from typing import Any
 
-from alp_agents.envs.base import TextEnv, ToolCallStyle, TurnResult
+from alp_agents.envs.base import GRADING_THREADS, TextEnv, ToolCallStyle, TurnResult
 from alp_agents.envs.grading import extract_answer, is_equivalent
 from alp_agents.envs.tasks import Task
-from alp_agents.errors import EnvError
-from alp_agents.tools import Calculator, ToolCallError, ToolRegistry, parse_tool_calls
+from alp_agents.errors import EnvError, ToolError
+from alp_agents.tools import BUILTIN_TOOLS, Tool, ToolCallError, ToolRegistry, parse_tool_calls
 from alp_agents.trajectory import Message, ToolCall
 
 SYSTEM_PROMPTS: dict[ToolCallStyle, str] = {
@@ -51,7 +53,7 @@ class ToolEnv(TextEnv):
         self,
         *,
         tasks: Sequence[Task] | None = None,
-        tools: ToolRegistry | None = None,
+        tools: ToolRegistry | str | Sequence[str] | None = None,
         tool_call_style: ToolCallStyle = "hermes",
         max_turns: int = 4,
         max_tool_output_chars: int = 256 * CHARS_PER_TOKEN,
@@ -60,7 +62,9 @@ class ToolEnv(TextEnv):
         grade_timeout_s: float = 2.0,
     ) -> None:
         """`tools`: the registry the model may call (default: a calculator; the caller keeps
-        ownership of a registry it passes, so one registry can serve many envs); `tool_call_style`:
+        ownership of a registry it passes, so one registry can serve many envs), or tool names as a
+        config writes them (see `tool_registry`), from which the env makes a registry of its own and
+        closes it in `close()`; `tool_call_style`:
         "hermes" for `<tool_call>{json}</tool_call>`, "python" for ```python fences run by the
         "python" tool; `max_tool_output_chars`: the budget of one tool message (256 tokens' worth);
         `format_penalty`: subtracted when the model stops with neither a call nor an answer;
@@ -68,13 +72,15 @@ class ToolEnv(TextEnv):
         if tool_call_style not in SYSTEM_PROMPTS:
             raise EnvError(f"tool_call_style must be 'hermes' or 'python', got {tool_call_style!r}")
         super().__init__(tasks=tasks, max_turns=max_turns, system_prompt=SYSTEM_PROMPTS[tool_call_style] if system_prompt is None else system_prompt)
-        self.tools = tools if tools is not None else ToolRegistry([Calculator()])
+        self._owns_tools = not isinstance(tools, ToolRegistry)
+        self.tools = tools if isinstance(tools, ToolRegistry) else tool_registry(["calculator"] if tools is None else tools)
         if len(self.tools) == 0:
             raise EnvError("ToolEnv got an empty tool registry: register at least one tool, or use MathEnv for problems without tools")
         if tool_call_style == "python" and "python" not in self.tools:
             raise EnvError(
                 f"tool_call_style='python' sends ```python blocks to a tool named 'python', but the registry has only "
-                f"{self.tools.names}: register PythonTool() (alp_agents.tools) or use tool_call_style='hermes'"
+                f"{self.tools.names}: register PythonTool() (alp_agents.tools; in a config, tools = [\"python\"]) "
+                "or use tool_call_style='hermes'"
             )
         if max_tool_output_chars < 1:
             raise EnvError(f"max_tool_output_chars must be at least 1, got {max_tool_output_chars}")
@@ -84,6 +90,12 @@ class ToolEnv(TextEnv):
         self.max_tool_output_chars = max_tool_output_chars
         self.format_penalty = format_penalty
         self.grade_timeout_s = grade_timeout_s
+
+    def close(self) -> None:
+        """Close the tools (and their sandboxes) if this env made them; a registry passed in stays open."""
+        if self._owns_tools:
+            self.tools.close()
+        super().close()
 
     def tool_schemas(self) -> list[dict[str, Any]]:
         """The registry's function schemas for Hermes-style calls; none for python style, whose
@@ -106,7 +118,7 @@ class ToolEnv(TextEnv):
         answer = extract_answer(action)
         if answer is None:  # the model stopped without calling a tool or answering
             return TurnResult(reward=-self.format_penalty, terminated=True, void_turn=True)
-        correct = await asyncio.to_thread(is_equivalent, answer, self.task.answer, timeout_s=self.grade_timeout_s)
+        correct = await GRADING_THREADS.run(is_equivalent, answer, self.task.answer, timeout_s=self.grade_timeout_s)
         return TurnResult(reward=float(correct), terminated=True, answer=answer, correct=correct)
 
     async def _reply(self, call: ToolCall | ToolCallError) -> tuple[Message, bool]:
@@ -120,3 +132,39 @@ class ToolEnv(TextEnv):
         if len(text) <= self.max_tool_output_chars:
             return text
         return text[: self.max_tool_output_chars] + TRUNCATION_MARKER
+
+
+def tool_registry(names: str | Sequence[str]) -> ToolRegistry:
+    """A fresh registry from tool names, as a config writes them (`tools = ["calculator", "python"]`).
+
+    Each name is a built-in tool (BUILTIN_TOOLS) or `module:attribute` for your own, where the
+    attribute is a Tool (e.g. a `@tool` function), a Tool class, or a function returning a Tool or a
+    ToolRegistry (e.g. "my_tools:make_registry"). Name a class or a function for a tool that holds
+    processes or connections: each env then makes its own and closes it.
+    """
+    registry = ToolRegistry()
+    for name in [names] if isinstance(names, str) else names:
+        made = _make_tools(name)
+        for t in made if isinstance(made, ToolRegistry) else [made]:
+            registry.register(t)
+    return registry
+
+
+def _make_tools(name: str) -> Tool[Any] | ToolRegistry:
+    module, sep, attribute = name.partition(":")
+    if not sep:
+        if name not in BUILTIN_TOOLS:
+            close = difflib.get_close_matches(name, list(BUILTIN_TOOLS), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ToolError(f"unknown tool {name!r}; {hint}built-in tools: {', '.join(BUILTIN_TOOLS)}, "
+                            "or 'module:attribute' for your own")
+        return BUILTIN_TOOLS[name]()
+    try:
+        target = getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError) as e:
+        raise ToolError(f"tool {name!r} cannot be imported ({e}): expected 'module:attribute' on the import path") from e
+    made = target() if callable(target) and not isinstance(target, Tool) else target
+    if not isinstance(made, (Tool, ToolRegistry)):
+        raise ToolError(f"tool {name!r} is a {type(made).__name__}: expected a Tool, a Tool class, "
+                        "or a function returning a Tool or a ToolRegistry")
+    return made

@@ -49,6 +49,22 @@ def test_malformed_override_and_missing_file(tmp_path):
         load_config(Run, overrides=["name=x", "name.inner=1"])
 
 
+def test_a_bad_override_is_blamed_on_the_override_not_the_file(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text("steps = 3\n")
+    with pytest.raises(ConfigError) as refused:
+        load_config(Run, path, ["trainer.lr=fast", "steps=4"])
+    assert str(refused.value) == "invalid config: trainer.lr: Input should be a valid number, unable to parse string as a number " \
+                                 "(expected float, got 'fast') (from --set trainer.lr=fast)"
+    path.write_text("stesp = 3\n")
+    with pytest.raises(ConfigError) as refused:
+        load_config(Run, path, ["trainer.rl=1"])
+    head, *problems = str(refused.value).splitlines()
+    assert head == f"invalid config in {path}:"  # the file has a bad key of its own
+    assert sorted(problems) == ["  - unknown key 'stesp'; did you mean 'steps'?",
+                                "  - unknown key 'trainer.rl'; did you mean 'trainer.lr'? (from --set trainer.rl=1)"]
+
+
 def test_a_rule_across_sections_is_reported_by_its_message():
     from alp_agents.trainers.run_config import TrainConfig
 

@@ -47,7 +47,10 @@ def dead_url() -> str:
 
 
 class FaultyTransport(httpx.MockTransport):
-    """Answers with `faults` in turn (responses, or exceptions to raise), then forwards to the real server."""
+    """Answers with `faults` in turn (responses, or exceptions to raise), then forwards to the real server.
+
+    GET /health always answers 200 and is not counted in `calls`: these faults hit a server that is up.
+    """
 
     def __init__(self, faults: list[httpx.Response | Exception]) -> None:
         super().__init__(self._handle)
@@ -56,6 +59,8 @@ class FaultyTransport(httpx.MockTransport):
         self._real = httpx.AsyncHTTPTransport()
 
     async def _handle(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/health":
+            return httpx.Response(200)
         self.calls.append(str(request.url))
         if len(self.calls) > len(self.faults):
             return await self._real.handle_async_request(request)
@@ -150,12 +155,15 @@ def test_weights_that_do_not_fit_are_refused_over_http(engine, prompts, tiny_wei
     assert asyncio.run(engine.generate(prompts[0], SamplingConfig(max_tokens=4))).token_ids
 
 
-def test_dead_server_gives_engine_unavailable_after_bounded_retries(prompts):
-    url = dead_url()
+def test_dead_servers_give_engine_unavailable_at_once_naming_each(prompts):
+    urls = [dead_url(), dead_url()]
+    engine = OpenAIServerEngine(urls, max_retries=2, backoff_s=10)  # a retry would show as a 10 s wait
     with pytest.raises(EngineUnavailable) as caught:
-        run_with(OpenAIServerEngine(url, max_retries=2, backoff_s=0.01), lambda e: e.generate(prompts[0], SamplingConfig()))
+        run_with(engine, lambda e: e.generate(prompts[0], SamplingConfig()))
     message = str(caught.value)
-    assert url in message and "start_vllm_server" in message and "gave up after 3 attempts" in message
+    assert all(f"{url} could not be reached for GET /health (ConnectError" in message for url in urls)
+    assert "start_vllm_server" in message and "\n" not in message  # the CLI prints it as one line
+    assert [status.state for status in engine.server_status()] == ["down", "down"]
 
 
 def test_one_dead_server_of_two_fails_over(vllm_server, prompts):
@@ -190,19 +198,20 @@ def test_server_errors_are_retried_then_succeed(vllm_server, prompts):
 @pytest.mark.parametrize(
     ("fault", "expected", "message"),
     [
-        (httpx.Response(500, text="Internal Server Error"), EngineUnavailable, "answered 500"),
+        (httpx.Response(500, text="Internal Server Error"), EngineError, "answered 500"),
         (httpx.ReadTimeout("read timed out"), EngineTimeout, "did not answer in time"),
-        (httpx.RemoteProtocolError("server disconnected"), EngineUnavailable, "lost the connection"),
+        (httpx.RemoteProtocolError("server disconnected"), EngineError, "lost the connection"),
     ],
 )
-def test_persistent_faults_exhaust_the_retries(prompts, fault, expected, message):
+def test_persistent_faults_on_a_healthy_server_exhaust_the_retries(prompts, fault, expected, message):
+    # The server answers /health, so the fault is the request's: the episode fails, not the run (not EngineUnavailable).
     transport = FaultyTransport([fault] * 10)
-    with pytest.raises(expected, match=message):
-        run_with(
-            OpenAIServerEngine("http://fault.test", transport=transport, max_retries=2, backoff_s=0.01),
-            lambda e: e.generate(prompts[0], SamplingConfig()),
-        )
+    engine = OpenAIServerEngine("http://fault.test", transport=transport, max_retries=2, backoff_s=0.01)
+    with pytest.raises(expected, match=message) as caught:
+        run_with(engine, lambda e: e.generate(prompts[0], SamplingConfig()))
+    assert type(caught.value) is expected and "gave up after 3 attempts on http://fault.test" in str(caught.value)
     assert len(transport.calls) == 3
+    assert [(s.state, s.failures, s.outages) for s in engine.server_status()] == [("up", 3, 0)]
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ from alp_agents.chat import render
 from alp_agents.demonstrations import Demonstration, tokenize_demonstration
 from alp_agents.engines import Generation, SamplingConfig
 from alp_agents.envs import Task, ToolEnv
-from alp_agents.errors import EngineUnavailable
+from alp_agents.errors import EngineError, EngineTimeout
 from alp_agents.evaluation import rollout_stats
 from alp_agents.rollout import RolloutLimits, collect, collect_sync
 from alp_agents.trajectory import Message
@@ -34,8 +34,9 @@ class ScriptedEngine:
     It stands in for a real engine only where a test needs a known conversation (the reference).
     """
 
-    def __init__(self, tokenizer, replies: list[str], *, finish: str = "stop", fail_on: str | None = None) -> None:
-        self.tokenizer, self.replies, self.finish, self.fail_on = tokenizer, replies, finish, fail_on
+    def __init__(self, tokenizer, replies: list[str], *, finish: str = "stop", fail_on: str | None = None,
+                 failure: EngineError = EngineTimeout("request timed out")) -> None:
+        self.tokenizer, self.replies, self.finish, self.fail_on, self.failure = tokenizer, replies, finish, fail_on, failure
         self.policy_version = 7
         self.prompts: list[list[int]] = []
 
@@ -44,7 +45,7 @@ class ScriptedEngine:
         turn = self.tokenizer.decode(prompt_token_ids).count("<|im_start|>assistant") - 1  # assistant turns so far
         text = self.replies[min(turn, len(self.replies) - 1)]
         if self.fail_on is not None and self.fail_on in self.tokenizer.decode(prompt_token_ids):
-            raise EngineUnavailable("server went away")
+            raise self.failure
         ids = self.tokenizer.encode(text, add_special_tokens=False)[: sampling.max_tokens]
         if self.finish == "stop" and len(ids) < sampling.max_tokens:
             ids.append(self.tokenizer.eos_token_id)
@@ -172,7 +173,7 @@ def test_a_failed_episode_does_not_fail_the_batch(tokenizer):
     trajectories = collect_sync(tool_env, tasks, engine, tokenizer, sampling=SamplingConfig(), group_size=2, progress=False)
     assert [t.group_id for t in trajectories] == ["0:bags", "0:bags", "1:poison", "1:poison"]
     assert [t.finish_reason for t in trajectories] == ["terminated", "terminated", "error", "error"]
-    assert "EngineUnavailable: server went away" in trajectories[2].metadata["error"]
+    assert "EngineTimeout: request timed out" in trajectories[2].metadata["error"]
     stats = rollout_stats(trajectories)
     assert stats.failure_rate == 0.5 and stats.avg_at_k == 1.0 and stats.pass_at_k == 0.5 and stats.tool_calls_per_episode == 1.0
 

@@ -74,13 +74,15 @@ def test_runs_a_program_and_reports_its_output(sandbox: PythonSandbox) -> None:
     assert result.stderr == "careful\n"
     assert result.exit_code == 0
     assert not result.timed_out and not result.truncated and not result.oom_killed
+    assert result.ok
     assert result.duration_s > 0
 
 
 def test_exit_codes_and_tracebacks_show_the_programs_own_lines(sandbox: PythonSandbox) -> None:
-    assert sandbox.run("import sys; sys.exit(3)").exit_code == 3
+    exited = sandbox.run("import sys; sys.exit(3)")
+    assert exited.exit_code == 3 and not exited.ok
     failed = sandbox.run("x = 1\ny = x / 0\n")
-    assert failed.exit_code == 1
+    assert failed.exit_code == 1 and not failed.ok
     assert 'File "/tmp/main.py", line 2' in failed.stderr
     assert "y = x / 0" in failed.stderr and failed.stderr.rstrip().endswith("ZeroDivisionError: division by zero")
     assert "<string>" not in failed.stderr  # the sandbox's own runner frames are hidden
@@ -293,7 +295,7 @@ def test_fork_bomb_is_contained_and_leaves_nothing(sandbox: PythonSandbox) -> No
                     pass
             """)
         )
-    assert result.timed_out
+    assert result.timed_out and not result.ok
     assert processes_named(name) == []
     assert sandbox.run("print('still fine')").stdout == "still fine\n"
 
@@ -310,7 +312,7 @@ def test_memory_bomb_is_killed() -> None:
             print("SURVIVED")
             """)
         )
-    assert result.oom_killed
+    assert result.oom_killed and not result.ok
     assert result.exit_code == -signal.SIGKILL
     assert "SURVIVED" not in result.stdout
     assert int(result.stdout.split()[-2]) <= 128

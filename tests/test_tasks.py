@@ -134,6 +134,16 @@ def test_loader_errors_name_file_line_and_field(tmp_path, lines, message):
         load_jsonl_tasks(_write(tmp_path, lines))
 
 
+def test_loader_names_the_line_of_a_byte_that_is_not_utf8_and_refuses_an_empty_file(tmp_path):
+    path = tmp_path / "tasks.jsonl"
+    path.write_bytes(b'{"id": "a", "problem": "p", "answer": "1"}\n{"id": "b", "problem": "caf\xe9", "answer": "1"}\n')
+    with pytest.raises(TaskError, match=r"tasks.jsonl:2: not UTF-8 text \(byte 0xe9 at byte 28 of the line\); save the file as UTF-8"):
+        load_jsonl_tasks(path)
+    path.write_text("\n \n", encoding="utf-8")
+    with pytest.raises(TaskError, match=r"tasks.jsonl: no tasks \(the file is empty or has only blank lines\)"):
+        load_jsonl_tasks(path)
+
+
 def test_split_is_deterministic_exact_and_independent_of_order():
     tasks = arithmetic_tasks(100, seed=0, difficulty=2)
     train, held_out = split_tasks(tasks, held_out=0.2, seed=3)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 from pydantic import BaseModel, Field
@@ -11,6 +12,7 @@ from pydantic import BaseModel, Field
 import alp_agents.tools as tools_package
 from alp_agents.errors import ToolError
 from alp_agents.tools import Calculator, PythonSandbox, PythonTool, Tool, ToolRegistry, ToolResult, tool
+from alp_agents.tools.base import TOOL_THREADS, ToolFailure, WorkerThreads
 from alp_agents.tools.sandbox import ExecResult
 from alp_agents.trajectory import ToolCall
 
@@ -191,13 +193,23 @@ def test_aexecute_runs_sync_tools_off_the_event_loop() -> None:
 def test_python_tool_reports_output_errors_and_limits() -> None:
     with PythonSandbox(timeout_s=1.0, max_output_chars=100) as sandbox:
         python = PythonTool(sandbox)
-        assert python(code="print(2 ** 10)") == "1024"
-        failed = python(code="import sys\nprint('partial')\nsys.exit('boom')")
-        assert failed == "partial\n[stderr]\nboom\n[exit code 1]"
-        assert python(code="x = 1") == "[the program printed nothing; use print() to see values]"
-        assert python(code="while True: pass").endswith("[stopped: the program ran longer than the 1 s time limit]")
-        flooded = asyncio.run(python.acall(code="print('y' * 1000)"))
-        assert flooded == "y" * 100 + "\n[output truncated to its first 100 characters]"
+        registry = ToolRegistry([python])
+
+        def run(code: str) -> ToolResult:
+            return registry.execute(ToolCall(name="python", arguments={"code": code}))
+
+        assert run("print(2 ** 10)") == ToolResult(name="python", content="1024", ok=True)
+        assert run("x = 1").content == "[the program printed nothing; use print() to see values]"
+        # A program that fails still shows the model its output, and counts as a failed call.
+        failed = run("import sys\nprint('partial')\nsys.exit('boom')")
+        assert failed == ToolResult(name="python", content="partial\n[stderr]\nboom\n[exit code 1]", ok=False, error="exit code 1")
+        looped = run("while True: pass")
+        assert not looped.ok and looped.content.endswith("[stopped: the program ran longer than the 1 s time limit]")
+        with pytest.raises(ToolFailure, match="exit code 1") as raised:  # called directly, the tool raises
+            python(code="raise SystemExit(1)")
+        assert raised.value.content == "[exit code 1]"
+        flooded = asyncio.run(registry.aexecute(ToolCall(name="python", arguments={"code": "print('y' * 1000)"})))
+        assert not flooded.ok and flooded.content.startswith("y" * 100 + "\n[output truncated to its first 100 characters]")
         python.close()  # does not close a sandbox it was given
         assert sandbox.run("print(1)").stdout == "1\n"
 
@@ -207,3 +219,68 @@ def test_python_tool_formats_memory_kills() -> None:
     killed = ExecResult(stdout="", stderr="", exit_code=-9, oom_killed=True, duration_s=0.1)
     assert python.format(killed) == "[stopped: the program used more than the 64 MB memory limit]"
     python.sandbox.close()
+
+
+def test_a_memory_kill_is_a_failed_call() -> None:
+    with PythonSandbox(timeout_s=30.0, memory_mb=128) as sandbox:
+        result = ToolRegistry([PythonTool(sandbox)]).execute(ToolCall(name="python", arguments={"code": "x = b'x' * (1 << 30)"}))
+    assert not result.ok
+    if sandbox.cgroups:  # without cgroups, RLIMIT_AS makes the allocation raise MemoryError instead (exit code 1)
+        assert result.content.endswith("[stopped: the program used more than the 128 MB memory limit]")
+
+
+def test_a_call_past_its_timeout_fails_and_the_loop_goes_on() -> None:
+    release = threading.Event()
+
+    @tool
+    def stuck() -> str:
+        """Block until released."""
+        release.wait()
+        return "late"
+
+    @tool
+    async def sleepy() -> str:
+        """Sleep far too long."""
+        await asyncio.sleep(30)
+        return "late"
+
+    stuck.timeout_s = sleepy.timeout_s = 0.2
+    registry = ToolRegistry([stuck, sleepy])
+
+    async def main() -> list[ToolResult]:
+        try:
+            return await asyncio.wait_for(asyncio.gather(*(registry.aexecute(ToolCall(name=name)) for name in ("stuck", "sleepy"))), 5)
+        finally:
+            release.set()
+
+    started = time.perf_counter()
+    results = asyncio.run(main())
+    assert time.perf_counter() - started < 2
+    assert [r.content for r in results] == ["Error: the tool did not finish within its 0.2 s time limit"] * 2
+    assert not any(r.ok for r in results)
+
+
+def test_worker_threads_are_bounded_and_a_queued_call_that_times_out_never_runs() -> None:
+    threads = WorkerThreads(1, "test-worker")
+    started, release, ran = threading.Event(), threading.Event(), []
+
+    def hang() -> None:
+        started.set()
+        release.wait()
+
+    async def main() -> None:
+        hung = asyncio.create_task(threads.run(hang))
+        while not started.is_set():
+            await asyncio.sleep(0.01)
+        with pytest.raises(TimeoutError):  # the only thread is taken: the call waits in the queue, bounded by its timeout
+            async with asyncio.timeout(0.2):
+                await threads.run(ran.append, "queued")
+        release.set()
+        await hung
+        assert await threads.run(lambda: "next") == "next"
+
+    asyncio.run(main())
+    assert ran == []
+    assert threads._started == 1
+    # Daemon threads: a tool that never returns cannot keep the process from exiting.
+    assert all(t.daemon for t in threading.enumerate() if t.name.startswith((threads.name, TOOL_THREADS.name)))

@@ -76,3 +76,11 @@ def test_message_renders_for_chat_templates():
     }
     with pytest.raises(ValidationError, match="role"):
         Message(role="robot", content="x")
+
+
+def test_lone_surrogates_never_stop_a_trajectory_from_being_written(tmp_path):
+    # A tool that decodes bytes with errors="surrogateescape", or an exception quoting such text.
+    trajectory = make(messages=[Message(role="tool", content="caf\udce9 \ud83d\ude00")], metadata={"error": "ValueError: bad byte \udcff"})
+    assert trajectory.messages[0].content == "caf\ufffd 😀"  # replaced (and the pair joined) at the message boundary
+    [read] = read_trajectories(write_trajectories(tmp_path / "t.jsonl", [trajectory]))
+    assert read == trajectory and read.metadata["error"] == "ValueError: bad byte \udcff"

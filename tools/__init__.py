@@ -9,6 +9,7 @@ Installed as `alp_agents.tools`:
 - `Calculator` (calculator.py): exact arithmetic through a parser, never `eval`.
 - `PythonSandbox`, `ExecResult` (sandbox.py): untrusted code in a bubblewrap sandbox with limits.
 - `PythonTool` (python_tool.py): the `python` tool on top of the sandbox.
+- `BUILTIN_TOOLS`: the built-in tools by name, as configs name them (`tools = ["calculator", "python"]`).
 """
 
 from alp_agents.tools.base import FunctionTool, Tool, ToolArgs, ToolRegistry, ToolResult, tool
@@ -17,7 +18,11 @@ from alp_agents.tools.parsing import ParseStyle, ToolCallError, parse_tool_calls
 from alp_agents.tools.python_tool import PythonTool
 from alp_agents.tools.sandbox import ExecResult, PythonSandbox
 
+BUILTIN_TOOLS: dict[str, type[Tool]] = {cls.name: cls for cls in (Calculator, PythonTool)}
+"""The built-in tool classes by tool name; each makes a working tool with no arguments."""
+
 __all__ = [
+    "BUILTIN_TOOLS",
     "Calculator",
     "CalculatorError",
     "ExecResult",

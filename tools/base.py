@@ -15,20 +15,30 @@ decorating a type-hinted, docstringed function with `@tool`, or by subclassing `
         return a + b
 
 `ToolRegistry` holds tools by name and executes the calls the model wrote. Whatever the model got
-wrong (an unknown tool, missing or ill-typed arguments) or whatever the tool raised comes back
-as a failed `ToolResult` whose text says what was wrong: a bad call is data, not a crash.
+wrong (an unknown tool, missing or ill-typed arguments), whatever the tool raised, and a call that
+outlives the tool's `timeout_s` come back as a failed `ToolResult` whose text says what was wrong:
+a bad call is data, not a crash.
+
+Synchronous tools run in TOOL_THREADS, a bounded pool of their own, never in the event loop's
+default executor, which grading and the trainer step use: a Python thread cannot be killed, so a
+tool that hangs is abandoned when its call times out and keeps its thread, and bounding the pool
+keeps hung tools from taking every thread the rest of the program needs.
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
+import concurrent.futures
+import contextvars
 import copy
 import difflib
 import functools
 import inspect
 import json
+import queue
 import re
+import threading
 import typing
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any, Generic, TypeVar
@@ -39,9 +49,72 @@ from alp_agents.errors import ToolError
 from alp_agents.trajectory import ToolCall
 
 A = TypeVar("A", bound=BaseModel)
+T = TypeVar("T")
 
 TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 """What a tool name may look like (the OpenAI function-calling rule)."""
+
+
+class WorkerThreads:
+    """A bounded pool of daemon threads that runs blocking calls for asyncio code.
+
+    Like `asyncio.to_thread`, but apart from the loop's default executor, so that calls which may
+    hang (a tool) or wait long (grading) cannot starve the rest of the program (the trainer step).
+    A call waits in a queue while every thread is busy; cancelling it there (a timeout) drops it.
+    The threads are daemons because a hung call can never be joined: `ThreadPoolExecutor` would
+    join it at exit, and the process would never end.
+    """
+
+    def __init__(self, size: int, name: str) -> None:
+        self.size = size
+        self.name = name
+        self._jobs: queue.SimpleQueue[tuple[concurrent.futures.Future[Any], Callable[[], Any]]] = queue.SimpleQueue()
+        self._idle = threading.Semaphore(0)
+        self._lock = threading.Lock()
+        self._started = 0
+
+    async def run(self, function: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """`function(*args, **kwargs)` in one of the threads (in a copy of the caller's context, as
+        `asyncio.to_thread` does); the loop runs on meanwhile."""
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._jobs.put((future, functools.partial(contextvars.copy_context().run, function, *args, **kwargs)))
+        self._ensure_thread()
+        return await asyncio.wrap_future(future)
+
+    def _ensure_thread(self) -> None:
+        if self._idle.acquire(blocking=False):  # an idle thread will take the job
+            return
+        with self._lock:
+            if self._started < self.size:
+                self._started += 1
+                threading.Thread(target=self._work, name=f"{self.name}-{self._started}", daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            future, call = self._jobs.get()
+            if future.set_running_or_notify_cancel():  # False: cancelled while it waited in the queue
+                try:
+                    future.set_result(call())
+                except BaseException as error:  # noqa: BLE001 - handed to the awaiting caller
+                    future.set_exception(error)
+            self._idle.release()
+
+
+TOOL_THREADS = WorkerThreads(64, "alp-tool")
+"""The threads synchronous tools run in: enough for every call of a full rollout batch at once."""
+
+
+class ToolFailure(Exception):
+    """Raised by a tool's `run` to fail the call while still showing the model `content`.
+
+    For a tool whose output is useful even when it failed (a program's stdout before it timed
+    out): the registry reports the call as failed (it counts as a tool error) with this text.
+    """
+
+    def __init__(self, content: str, reason: str) -> None:
+        super().__init__(reason)
+        self.content = content
+        self.reason = reason
 
 
 class ToolResult(BaseModel):
@@ -73,8 +146,8 @@ class Tool(abc.ABC, Generic[A]):
 
     Derive the argument model from ToolArgs, so that an argument the model invents is refused.
 
-    Override `arun` too when the tool has a native async form; by default it runs `run` in a
-    worker thread, so a slow tool never blocks the event loop.
+    Override `arun` too when the tool has a native async form; by default it runs `run` in one
+    of TOOL_THREADS, so a slow tool never blocks the event loop.
     """
 
     name: str
@@ -83,6 +156,10 @@ class Tool(abc.ABC, Generic[A]):
     """What the tool does and when to use it, for the model."""
     args_model: type[A]
     """The arguments; its JSON schema is what the model sees."""
+    timeout_s: float = 30.0
+    """Longest one call may take in `ToolRegistry.aexecute`, waiting for a free thread included; past
+    it the call fails with a message the model sees. A synchronous `run` cannot be stopped: its
+    thread is abandoned to finish (or hang) on its own."""
 
     @abc.abstractmethod
     def run(self, args: A) -> str:
@@ -90,7 +167,7 @@ class Tool(abc.ABC, Generic[A]):
 
     async def arun(self, args: A) -> str:
         """`run` without blocking the event loop."""
-        return await asyncio.to_thread(self.run, args)
+        return await TOOL_THREADS.run(self.run, args)
 
     def __call__(self, **kwargs: Any) -> str:
         """Validate keyword arguments (pydantic ValidationError if invalid) and run the tool."""
@@ -198,18 +275,22 @@ class ToolRegistry:
         try:
             return ToolResult(name=call.name, content=tool.run(args), ok=True)
         except Exception as e:
-            return ToolResult.failure(call.name, _describe_exception(e))
+            return _failed(call.name, e)
 
     async def aexecute(self, call: ToolCall) -> ToolResult:
-        """Async twin of `execute`: the tool runs without blocking the event loop."""
+        """Async twin of `execute`: the tool runs without blocking the event loop, for at most its `timeout_s`."""
         prepared = self._prepare(call)
         if isinstance(prepared, ToolResult):
             return prepared
         tool, args = prepared
+        deadline = asyncio.timeout(tool.timeout_s)
         try:
-            return ToolResult(name=call.name, content=await tool.arun(args), ok=True)
+            async with deadline:
+                return ToolResult(name=call.name, content=await tool.arun(args), ok=True)
         except Exception as e:
-            return ToolResult.failure(call.name, _describe_exception(e))
+            if deadline.expired():
+                return ToolResult.failure(call.name, f"the tool did not finish within its {tool.timeout_s:g} s time limit")
+            return _failed(call.name, e)
 
     def close(self) -> None:
         """Close every tool."""
@@ -364,6 +445,12 @@ def _describe_invalid_arguments(tool: Tool[Any], error: ValidationError) -> str:
         for field, info in fields.items()
     )
     return f"invalid arguments for tool {tool.name!r}: {'; '.join(problems)}. Expected arguments: {expected or 'none'}"
+
+
+def _failed(name: str, error: Exception) -> ToolResult:
+    if isinstance(error, ToolFailure):
+        return ToolResult(name=name, content=error.content, ok=False, error=error.reason)
+    return ToolResult.failure(name, _describe_exception(error))
 
 
 def _describe_exception(error: Exception) -> str:

@@ -1,11 +1,18 @@
-"""The `python` tool: runs model-written code in a PythonSandbox and reports what happened as text."""
+"""The `python` tool: runs model-written code in a PythonSandbox and reports what happened as text.
+
+A program that does not end by itself with exit status 0 (it raised, exited non-zero, ran out of
+time or memory) is a failed call: the model still reads its output, and it counts as a tool error.
+"""
 
 from __future__ import annotations
 
 from pydantic import Field
 
-from alp_agents.tools.base import Tool, ToolArgs
+from alp_agents.tools.base import Tool, ToolArgs, ToolFailure
 from alp_agents.tools.sandbox import ExecResult, PythonSandbox
+
+SANDBOX_START_S = 30.0
+"""Slack for waiting for a started sandbox under load: counted in the call's timeout, not the program's."""
 
 
 class PythonArgs(ToolArgs):
@@ -19,7 +26,8 @@ class PythonTool(Tool[PythonArgs]):
 
     Without a `sandbox`, the tool makes its own with the default limits (bubblewrap isolation:
     SandboxError right away if it is unavailable) and closes it in `close()`; a sandbox passed
-    in is shared and left open.
+    in is shared and left open. `run` raises ToolFailure (with the same text) for a program that
+    failed, so a registry counts it as a tool error.
     """
 
     name = "python"
@@ -33,12 +41,14 @@ class PythonTool(Tool[PythonArgs]):
     def __init__(self, sandbox: PythonSandbox | None = None) -> None:
         self.sandbox = sandbox if sandbox is not None else PythonSandbox()
         self._owns_sandbox = sandbox is None
+        self.timeout_s = self.sandbox.timeout_s + SANDBOX_START_S
 
     def run(self, args: PythonArgs) -> str:
-        return self.format(self.sandbox.run(args.code))
-
-    async def arun(self, args: PythonArgs) -> str:
-        return self.format(await self.sandbox.arun(args.code))
+        result = self.sandbox.run(args.code)
+        text = self.format(result)
+        if not result.ok:
+            raise ToolFailure(text, reason=self._ending(result) or "the program failed")
+        return text
 
     def format(self, result: ExecResult) -> str:
         """The text the model sees: stdout, then stderr, then a line on how the program ended."""
@@ -48,19 +58,25 @@ class PythonTool(Tool[PythonArgs]):
         if result.stderr:
             stderr = result.stderr.rstrip("\n")
             parts.append(f"[stderr]\n{stderr}")
-        if result.timed_out:
-            parts.append(f"[stopped: the program ran longer than the {self.sandbox.timeout_s:g} s time limit]")
-        elif result.oom_killed:
-            parts.append(f"[stopped: the program used more than the {self.sandbox.memory_mb} MB memory limit]")
-        elif result.truncated:
-            parts.append(f"[output truncated to its first {self.sandbox.max_output_chars} characters]")
-        elif result.exit_code < 0:
-            parts.append(f"[the program was killed by signal {-result.exit_code}]")
-        elif result.exit_code != 0:
-            parts.append(f"[exit code {result.exit_code}]")
+        if ending := self._ending(result):
+            parts.append(f"[{ending}]")
         if not parts:
             parts.append("[the program printed nothing; use print() to see values]")
         return "\n".join(parts)
+
+    def _ending(self, result: ExecResult) -> str | None:
+        """How the program ended, when that is worth telling the model; None for a plain exit 0."""
+        if result.timed_out:
+            return f"stopped: the program ran longer than the {self.sandbox.timeout_s:g} s time limit"
+        if result.oom_killed:
+            return f"stopped: the program used more than the {self.sandbox.memory_mb} MB memory limit"
+        if result.truncated:
+            return f"output truncated to its first {self.sandbox.max_output_chars} characters"
+        if result.exit_code < 0:
+            return f"the program was killed by signal {-result.exit_code}"
+        if result.exit_code != 0:
+            return f"exit code {result.exit_code}"
+        return None
 
     def close(self) -> None:
         """Close the sandbox if this tool made it."""

@@ -34,7 +34,6 @@ may (including creating an unprivileged user namespace); the kernel is the bound
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import functools
 import math
@@ -59,6 +58,7 @@ from typing import Annotated, Literal, NamedTuple
 from pydantic import BaseModel, Field, validate_call
 
 from alp_agents.errors import SandboxError
+from alp_agents.tools.base import TOOL_THREADS
 
 NOBODY = 65534
 """The unprivileged host uid and gid the sandboxed program runs as."""
@@ -146,6 +146,11 @@ class ExecResult(BaseModel):
     """True when the kernel killed a process of the program for exceeding the memory limit."""
     duration_s: float = Field(ge=0)
     """Wall time from handing over the code to the program's end, in seconds."""
+
+    @property
+    def ok(self) -> bool:
+        """True when the program ended by itself with exit status 0: no error, and no limit stopped it."""
+        return self.exit_code == 0 and not (self.timed_out or self.oom_killed)
 
 
 class _State(enum.Enum):
@@ -236,8 +241,9 @@ class PythonSandbox:
             pool.release(sandbox)
 
     async def arun(self, code: str) -> ExecResult:
-        """`run` without blocking the event loop: the program runs while other tasks proceed."""
-        return await asyncio.to_thread(self.run, code)
+        """`run` without blocking the event loop: the program runs while other tasks proceed (in one
+        of the tools' threads, never the loop's default executor)."""
+        return await TOOL_THREADS.run(self.run, code)
 
     def close(self) -> None:
         """Kill the pre-started sandboxes and any program still running; idempotent."""

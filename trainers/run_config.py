@@ -34,7 +34,8 @@ class EnvSection(Config):
     id: str = "alp_agents/ToolMath-v0"
     """gymnasium id of the environment (registered by importing its package)."""
     kwargs: dict[str, Any] = Field(default_factory=dict)
-    """Constructor arguments of the environment, e.g. {max_turns = 3, system_prompt = "..."}."""
+    """Constructor arguments of the environment, e.g. {max_turns = 3, tools = ["calculator", "python"]}; checked at load
+    by building one environment."""
 
 
 class DataSection(Config):
@@ -72,6 +73,8 @@ class EngineSection(Config):
     """Engine dtype ('float32' on CPU by default, the model's on GPU); 'bfloat16' adds a real train/inference mismatch."""
     request_timeout_s: float | None = Field(120.0, gt=0)
     """Deadline of one generate call; past it the episode fails (not the run)."""
+    weights_timeout_s: float = Field(600.0, gt=0)
+    """Deadline of one weight push to the in-process engine; past it the run stops, with a checkpoint."""
     quantize: Quantization | None = None
     """Fake-quantise the engine's copy of the weights on every push (e.g. {bits = 4, group_size = 32}); the trainer stays
     float32. A tunable train/inference mismatch for the mismatch lab; None serves the trainer's weights as they are."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from torch.utils.tensorboard import SummaryWriter
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from alp_agents.config import Config
-from alp_agents.errors import ConfigError
+from alp_agents.errors import CheckpointError, ConfigError
 from alp_agents.trajectory import Trajectory, write_trajectories
 
 
@@ -40,8 +41,14 @@ class RunDir:
     """Paths and files of one run."""
 
     def __init__(self, path: str | Path) -> None:
+        """Create the directory if needed; ConfigError naming it if it cannot be written (found now, not at the first checkpoint)."""
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=self.path).close()  # permission bits miss a read-only file system and root's rights
+        except OSError as e:
+            raise ConfigError(f"run directory {self.path} cannot be written ({e.strerror or e}): "
+                              "choose another --run-dir, or make it writable") from e
         self.metrics_path = self.path / "metrics.jsonl"
         self.checkpoint_path = self.path / "checkpoint"
         self._writer: SummaryWriter | None = None
@@ -91,24 +98,65 @@ class RunDir:
         """Write a complete checkpoint next to the old one, then swap it in (a crash never leaves half a checkpoint).
 
         `weights`: the model's full weights when its own are shards (FSDP2), else its state dict is saved.
+        Raises CheckpointError, the previous checkpoint intact, when the disk lacks the space or a write fails.
         """
         staging = self.path / "checkpoint.tmp"
         shutil.rmtree(staging, ignore_errors=True)
-        model.save_pretrained(staging / "model", state_dict=weights)
-        tokenizer.save_pretrained(staging / "model")
-        torch.save(trainer_state, staging / "trainer.pt")
-        (staging / "loop.json").write_text(state.model_dump_json() + "\n", encoding="utf-8")
+        needed = checkpoint_bytes(weights if weights is not None else model.state_dict(), trainer_state)
+        if (free := shutil.disk_usage(self.path).free) < needed:
+            raise CheckpointError(f"not enough disk space for a checkpoint in {self.path}: it needs about {_megabytes(needed)}, "
+                                  f"{_megabytes(free)} are free; free some space, then `alp train --run-dir {self.path} --resume`")
+        try:
+            model.save_pretrained(staging / "model", state_dict=weights)
+            tokenizer.save_pretrained(staging / "model")
+            torch.save(trainer_state, staging / "trainer.pt")
+            (staging / "loop.json").write_text(state.model_dump_json() + "\n", encoding="utf-8")  # last: marks it complete
+        except Exception as error:  # torch reports a full disk as RuntimeError("... unexpected pos ..."), safetensors its own way
+            free = shutil.disk_usage(self.path).free
+            shutil.rmtree(staging, ignore_errors=True)
+            space = f"the disk is full ({_megabytes(free)} free, about {_megabytes(needed)} needed); " if free < needed else ""
+            raise CheckpointError(f"writing a checkpoint in {staging} failed: {space}{type(error).__name__}: {error}; "
+                                  f"the previous checkpoint is intact") from error
         previous = self.path / "checkpoint.old"
         shutil.rmtree(previous, ignore_errors=True)
         if self.checkpoint_path.exists():
             self.checkpoint_path.rename(previous)
-        staging.rename(self.checkpoint_path)
+        staging.rename(self.checkpoint_path)  # a kill between the two renames is undone by _finish_swap
         shutil.rmtree(previous, ignore_errors=True)
 
     def load_checkpoint(self) -> tuple[Path, dict[str, Any], LoopState]:
         """(model directory, trainer state, loop state) of the last checkpoint."""
+        self._finish_swap()
         if not (self.checkpoint_path / "loop.json").is_file():
             raise ConfigError(f"{self.path} has no checkpoint to resume from (expected {self.checkpoint_path}/loop.json)")
         state = LoopState.model_validate_json((self.checkpoint_path / "loop.json").read_text(encoding="utf-8"))
         trainer_state = torch.load(self.checkpoint_path / "trainer.pt", weights_only=False)
         return self.checkpoint_path / "model", trainer_state, state
+
+    def _finish_swap(self) -> None:
+        """After a kill between save_checkpoint's renames, move the newest complete checkpoint back in place."""
+        if self.checkpoint_path.exists():
+            return
+        for candidate in (self.path / "checkpoint.tmp", self.path / "checkpoint.old"):  # newest first
+            if (candidate / "loop.json").is_file():
+                candidate.rename(self.checkpoint_path)
+                return
+
+
+def checkpoint_bytes(weights: dict[str, torch.Tensor], trainer_state: dict[str, Any]) -> int:
+    """Disk space a checkpoint takes: its tensors, plus a margin for the tokenizer and metadata."""
+    return _tensor_bytes(weights) + _tensor_bytes(trainer_state) + 16 * 2**20
+
+
+def _tensor_bytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 2**20:.1f} MB"

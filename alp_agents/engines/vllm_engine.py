@@ -14,6 +14,10 @@ vLLM runs its model in an EngineCore child process; this object holds the client
 on its own event loop thread (EngineThread), so it can be used from any event loop. Weight updates
 go through a safetensors file on /dev/shm and a worker method (see weight_sync), followed by a
 prefix-cache reset, since cached KV blocks were computed by the old weights.
+
+No wait on vLLM is open-ended: a generation has `request_timeout_s`, a weight update
+`weights_timeout_s`, and both fail at once (EngineUnavailable) when vLLM's engine process dies,
+e.g. when a terminal's Ctrl-C reached it too. Its processes die with this one (alp_agents.reaper).
 """
 
 from __future__ import annotations
@@ -22,15 +26,21 @@ import asyncio
 import gc
 import itertools
 import multiprocessing
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from alp_agents.engines.base import ClosesOnExit, EngineThread, Generation, NamedTensors, SamplingConfig, WeightVersionGate, checked_prompt
 from alp_agents.engines.vllm_setup import configure_vllm_environment, engine_arguments, sampling_arguments
 from alp_agents.engines.weight_sync import LOAD_METHOD, raise_for_load_reports, weights_file
 from alp_agents.errors import EngineError, EngineTimeout, EngineUnavailable, ModelError
+from alp_agents.reaper import reap_children_on_exit
+
+T = TypeVar("T")
+
+DEATH_CHECK_S = 0.5
+"""How often a weight update checks that vLLM's engine process is still alive."""
 
 if TYPE_CHECKING:
     from vllm import SamplingParams
@@ -42,7 +52,8 @@ class VLLMEngine(ClosesOnExit):
     """An in-process vLLM engine (AsyncLLM) serving token-id prompts; start it with `await VLLMEngine.start(...)`."""
 
     def __init__(
-        self, llm: AsyncLLM, thread: EngineThread, *, version: int, request_timeout_s: float | None, weights_dir: Path | None
+        self, llm: AsyncLLM, thread: EngineThread, *, version: int, request_timeout_s: float | None, weights_timeout_s: float,
+        weights_dir: Path | None,
     ) -> None:
         self._llm: AsyncLLM | None = llm
         self._thread = thread
@@ -51,6 +62,8 @@ class VLLMEngine(ClosesOnExit):
         self._closed = False
         self.request_timeout_s = request_timeout_s
         """Deadline of one generate call in seconds (None: no deadline); past it the request is aborted."""
+        self.weights_timeout_s = weights_timeout_s
+        """Deadline of one weight update; past it the engine holds unknown weights and is closed."""
         self.weights_dir = weights_dir
         """Where update_weights writes its temporary file (None: /dev/shm when present)."""
 
@@ -63,6 +76,7 @@ class VLLMEngine(ClosesOnExit):
         dtype: str | None = None,
         max_model_len: int = 4096,
         request_timeout_s: float | None = None,
+        weights_timeout_s: float = 600.0,
         weights_dir: str | Path | None = None,
         version: int = 0,
     ) -> Self:
@@ -70,6 +84,7 @@ class VLLMEngine(ClosesOnExit):
         if not (Path(model_dir) / "config.json").is_file():
             raise ModelError(f"{model_dir} is not a model directory (no config.json); build one with `alp init-model`")
         configure_vllm_environment()
+        reap_children_on_exit()
         arguments = engine_arguments(str(model_dir), seed=seed, dtype=dtype, max_model_len=max_model_len)
         thread = EngineThread(name=f"VLLMEngine({model_dir})")
         try:
@@ -82,6 +97,7 @@ class VLLMEngine(ClosesOnExit):
             thread,
             version=version,
             request_timeout_s=request_timeout_s,
+            weights_timeout_s=weights_timeout_s,
             weights_dir=Path(weights_dir) if weights_dir is not None else None,
         )
 
@@ -124,15 +140,20 @@ class VLLMEngine(ClosesOnExit):
         return _generation(final.outputs[0], version)
 
     async def _load_weights(self, path: str, version: int) -> None:
-        # No deadline: a load interrupted half-way would leave the model half-replaced.
-        async with self._gate.update(version), self._engine(f"weight update to version {version}", None) as llm:
-            raise_for_load_reports(await llm.collective_rpc(LOAD_METHOD, args=(path,)), "the vLLM worker")
-            if not await llm.reset_prefix_cache():  # cached KV blocks were computed by the old weights
-                raise EngineError("vLLM loaded the new weights but could not reset its prefix cache")
+        async with self._gate.update(version), self._engine(f"weight update to version {version}", self.weights_timeout_s) as llm:
+            try:
+                # vLLM leaves a utility call unanswered when its engine process dies: watch for that.
+                raise_for_load_reports(await _while_alive(llm, llm.collective_rpc(LOAD_METHOD, args=(path,))), "the vLLM worker")
+                if not await _while_alive(llm, llm.reset_prefix_cache()):  # cached KV blocks were computed by the old weights
+                    raise EngineError("vLLM loaded the new weights but could not reset its prefix cache")
+            except asyncio.CancelledError:  # the deadline, or the caller gave up
+                await self._shutdown()  # a load cut half-way leaves the model half-replaced: it must not serve again
+                raise
 
     async def _shutdown(self) -> None:
         llm, self._llm = self._llm, None
-        assert llm is not None  # close() runs this once
+        if llm is None:  # already shut down after a weight update that did not finish
+            return
         llm.shutdown()
         del llm
         gc.collect()  # AsyncLLM.__del__ would otherwise run after the loop is gone and print a TypeError
@@ -154,6 +175,21 @@ async def _start_async_llm(arguments: dict[str, Any]) -> AsyncLLM:
     from vllm.v1.engine.async_llm import AsyncLLM
 
     return AsyncLLM.from_engine_args(AsyncEngineArgs(**arguments))
+
+
+async def _while_alive(llm: AsyncLLM, call: Awaitable[T]) -> T:
+    """Await a utility call, failing (EngineDeadError) as soon as vLLM's engine process is found dead."""
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    job = asyncio.ensure_future(call)
+    try:
+        while not job.done():
+            await asyncio.wait({job}, timeout=DEATH_CHECK_S)
+            if not job.done() and llm.errored:
+                raise EngineDeadError()
+        return job.result()
+    finally:
+        job.cancel()
 
 
 def _sampling_params(sampling: SamplingConfig) -> SamplingParams:
