@@ -51,8 +51,9 @@ def generate(
 ) -> None:
     """Answer each prompt as a chat with vLLM and print the replies and tokens/s."""
     from alp_agents.generate import generate_chat
+    from alp_agents.jobs import model_directory
 
-    print_generation_report(generate_chat(model, prompts, max_tokens=max_tokens, temperature=temperature))
+    print_generation_report(generate_chat(model_directory(model, option="--model"), prompts, max_tokens=max_tokens, temperature=temperature))
 
 
 @app.command("make-demos")
@@ -82,7 +83,7 @@ def sft(
     from alp_agents.config import load_config
     from alp_agents.trainers.sft import SFTConfig
 
-    history = jobs.sft(model, data, out, load_config(SFTConfig, None, overrides or []))
+    history = jobs.sft(jobs.model_directory(model, option="--model"), data, out, load_config(SFTConfig, None, overrides or []))
     console.print(f"SFT: {len(history)} steps, final loss {history[-1]['sft/loss']:.3f}; model saved to {out}")
 
 
@@ -179,10 +180,11 @@ def show(
     """Print one trajectory token by token: trained tokens (mask 1) bold green, the rest dimmed."""
     from transformers import AutoTokenizer
 
+    from alp_agents.jobs import model_directory
     from alp_agents.trajectory import read_trajectories
 
+    tokenizer = AutoTokenizer.from_pretrained(model_directory(model, option="--model"))
     trajectory = read_trajectories(path)[index]
-    tokenizer = AutoTokenizer.from_pretrained(model)
     text = Text()
     for token, mask in zip(trajectory.token_ids, trajectory.loss_mask):
         text.append(tokenizer.decode([token]), style="bold green" if mask else "dim")

@@ -41,7 +41,7 @@ class DemoConfig(Config):
 def demo_config(overrides: list[str]) -> DemoConfig:
     """The shipped recipe with `key.path=value` overrides applied."""
     recipe = tomllib.loads(resources.files("alp_agents").joinpath("demo.toml").read_text(encoding="utf-8"))
-    return load_config_data(DemoConfig, apply_overrides(recipe, overrides), where="demo.toml")
+    return load_config_data(DemoConfig, apply_overrides(recipe, overrides), where="demo.toml", overrides=overrides)
 
 
 def seed_overrides(seed: int) -> list[str]:

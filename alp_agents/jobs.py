@@ -146,6 +146,8 @@ def train_on_ranks(cfg: TrainConfig, run_dir: Path, *, resume: bool) -> list[dic
     if not cfg.engine.servers:
         raise ConfigError("alp train under torchrun needs its rollouts on vLLM servers: pass --server URL (engine.servers); "
                           "one in-process engine per rank would each sample and take the weights")
+    train_tasks, eval_tasks = load_tasks(cfg.data)  # on every rank, so that bad data stops them all before any work
+    make_env = env_factory(cfg.env)
     training_device()  # this rank's GPU is set before NCCL starts: the first broadcast below already runs on it
     dist.init_process_group()  # gloo for CPU tensors, NCCL for CUDA ones
     try:
@@ -163,8 +165,7 @@ def train_on_ranks(cfg: TrainConfig, run_dir: Path, *, resume: bool) -> list[dic
             return []
         sharded = RankZeroTrainer(trainer)
         try:
-            train_tasks, eval_tasks = load_tasks(cfg.data)
-            return train(cfg, run_dir, env_factory=env_factory(cfg.env), model_dir=model_dir, train_tasks=train_tasks,
+            return train(cfg, run_dir, env_factory=make_env, model_dir=model_dir, train_tasks=train_tasks,
                          eval_tasks=eval_tasks, resume=resume, sharded_trainer=sharded)
         finally:
             sharded.release_followers()

@@ -124,7 +124,7 @@ def load_lab_config(path: Path | None, overrides: list[str]) -> LabConfig:
     if path is not None and not path.is_file():
         raise ConfigError(f"lab config {path} does not exist")
     data = tomllib.loads(path.read_text(encoding="utf-8")) if path is not None else default_lab_config()
-    return load_config_data(LabConfig, apply_overrides(data, overrides), where=str(path or "lab.toml"))
+    return load_config_data(LabConfig, apply_overrides(data, overrides), where=str(path or "lab.toml"), overrides=overrides)
 
 
 def grid(cfg: LabConfig, *, arms: list[str] | None = None, seeds: list[int] | None = None, quick: bool = False) -> list[Cell]:

@@ -31,8 +31,7 @@ TASK = json.dumps({"id": "a", "problem": "What is 2 + 2?", "answer": "4"})
 def refusal(*args: str, cwd: Path) -> str:
     """Run `alp *args` in `cwd`, check that it was refused cleanly and early, and return its one error line."""
     start = time.monotonic()
-    # rich wraps at 80 columns when stderr is a pipe: a wide console shows whether the message itself is one line
-    env = {**os.environ, "COLUMNS": "1000", "VLLM_LOGGING_LEVEL": "INFO"}
+    env = {**os.environ, "VLLM_LOGGING_LEVEL": "INFO"}  # rich's 80 columns on a pipe: the message must stay one line anyway
     out = subprocess.run([sys.executable, "-m", "alp_agents.cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
     seconds = time.monotonic() - start
     assert out.returncode == 2, out.stdout + out.stderr
@@ -114,6 +113,12 @@ def test_train_refuses_a_read_only_run_dir(files, tiny_model_dir):
     (files / "run").mkdir(mode=0o555)
     message = refusal("train", "--set", f"model.path={tiny_model_dir}", "--run-dir", "run", cwd=files)
     assert "run directory run cannot be written (Permission denied)" in message
+
+
+@pytest.mark.parametrize("command", [["sft", "--data", "good.jsonl", "--out", "out"], ["generate", "hi"], ["show", "good.jsonl"]],
+                         ids=["sft", "generate", "show"])
+def test_every_command_refuses_a_missing_model_directory(command, files):
+    assert "--model 'no-such-model' does not exist" in refusal(*command, "--model", "no-such-model", cwd=files)
 
 
 def test_make_demos_refuses_bad_env_args(files):

@@ -103,11 +103,15 @@ def test_why_never_updated_names_the_cause():
 
 
 def test_a_weight_push_to_a_dead_engine_fails_at_once(tiny_model_dir, tiny_weights):
+    def engine_cores() -> set[psutil.Process]:
+        return {p for p in psutil.Process().children(recursive=True) if p.name() == "VLLM::EngineCore"}
+
     async def main() -> tuple[float, str]:
+        others = engine_cores()  # the session's shared engine must live on
         engine = await VLLMEngine.start(tiny_model_dir, seed=0)
         try:
             await engine.generate([1, 2, 3], SamplingConfig(max_tokens=2))
-            core = next(p for p in psutil.Process().children(recursive=True) if p.name() == "VLLM::EngineCore")
+            (core,) = engine_cores() - others
             core.send_signal(signal.SIGINT)  # as a Ctrl-C to the process group delivers it
             core.wait(30)
             start = time.monotonic()

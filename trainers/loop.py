@@ -162,15 +162,16 @@ async def _train(cfg: TrainConfig, run: RunDir, env_factory: Callable[[], Episod
 
             # -- 3) weight sync: the engine samples the next rollouts from the new policy ---------------
             start = time.perf_counter()
-            with contextlib.suppress(StopRequested):  # stopping: the checkpoint holds the new weights, the engine no longer matters
-                await until_stopped(engine.update_weights(trainer.policy_state_dict(), state.policy_version), stop.event)
+            if not stop.is_set():  # stopping: the checkpoint holds the new weights, the engine no longer matters
+                with contextlib.suppress(StopRequested):
+                    await until_stopped(engine.update_weights(trainer.policy_state_dict(), state.policy_version), stop.event)
             sync_s = time.perf_counter() - start
 
             # -- 4) log, evaluate, checkpoint --------------------------------------------------------
             sampled = sum(t.num_sampled_tokens for t in trajectories)
             row.update({"policy_version": state.policy_version, "time/rollout_s": rollout_s, "time/train_s": train_s,
                         "time/sync_s": sync_s, "perf/rollout_tokens_per_s": sampled / max(rollout_s, 1e-9)})
-            if iteration == schedule.iterations or (schedule.eval_every and iteration % schedule.eval_every == 0):
+            if not stop.is_set() and (iteration == schedule.iterations or (schedule.eval_every and iteration % schedule.eval_every == 0)):
                 with contextlib.suppress(StopRequested):
                     row.update(await until_stopped(evaluate(), stop.event))
             row["time/iteration_s"] = time.perf_counter() - iteration_start
@@ -252,12 +253,16 @@ async def start_engine(cfg: EngineSection, model_dir: Path, *, seed: int, versio
 
 
 async def until_stopped(work: Awaitable[T], stop: asyncio.Event) -> T:
-    """Await `work`, unless `stop` is set first: then cancel it and raise StopRequested."""
+    """Await `work`, unless `stop` is set first: then cancel it and raise StopRequested.
+
+    Stopping wins over the work's own failure: a Ctrl-C to the process group reaches vLLM too, and
+    the engine errors that follow are part of the stop, not a fault of their own.
+    """
     job = asyncio.ensure_future(work)
     stopper = asyncio.ensure_future(stop.wait())
     await asyncio.wait({job, stopper}, return_when=asyncio.FIRST_COMPLETED)
     stopper.cancel()
-    if not job.done():
+    if stop.is_set():
         job.cancel()
         await asyncio.gather(job, return_exceptions=True)
         raise StopRequested
