@@ -64,6 +64,19 @@ class RolloutSection(Config):
     """Turns, tokens per turn, context and time of one episode."""
     max_concurrency: int = Field(64, ge=1)
     """Episodes in flight at once."""
+    dynamic_sampling: bool = False
+    """DAPO dynamic sampling: leave out groups whose usable episodes all have the same reward (no GRPO signal) and draw
+    more tasks until tasks_per_batch groups differ, or dynamic_sampling_max_draws is reached (the batch is then short)."""
+    dynamic_sampling_max_draws: float = Field(3.0, ge=1)
+    """The most groups one batch may draw under dynamic sampling, as a multiple of tasks_per_batch."""
+    overlong: Literal["keep", "mask", "penalty"] = "keep"
+    """Episodes cut by a length limit (finish_reason 'max_tokens' or 'context'): 'keep' them; 'mask' them out of the loss
+    (their reward stays in their group's statistics); 'penalty': add DAPO's soft length penalty to every episode's reward."""
+    overlong_buffer_fraction: float = Field(0.2, gt=0, le=1)
+    """'penalty': the penalty ramps from 0 to -1 over the last fraction of each length limit (per turn: max_tokens_per_turn;
+    per episode: max_total_tokens), and is -1 at the limit."""
+    overlong_penalty_factor: float = Field(1.0, ge=0)
+    """'penalty': scale of the length penalty added to the reward."""
 
 
 class EngineSection(Config):
