@@ -27,8 +27,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import alp_agents.envs  # noqa: F401 - registers the built-in environments with gymnasium
 from alp_agents.config import load_config
 from alp_agents.demonstrations import read_demonstrations, tokenize_demonstration, write_demonstrations
-from alp_agents.engines import OpenAIServerEngine, VLLMEngine
 from alp_agents.engines.base import SamplingConfig
+from alp_agents.engines.factory import EngineSection, start_engine
 from alp_agents.envs import Task, arithmetic_tasks, load_jsonl_tasks, split_tasks
 from alp_agents.envs.demos import make_demonstrations
 from alp_agents.errors import ConfigError, ModelError
@@ -166,7 +166,7 @@ def train_on_ranks(cfg: TrainConfig, run_dir: Path, *, resume: bool) -> list[dic
         sharded = RankZeroTrainer(trainer)
         try:
             return train(cfg, run_dir, env_factory=make_env, model_dir=model_dir, train_tasks=train_tasks,
-                         eval_tasks=eval_tasks, resume=resume, sharded_trainer=sharded)
+                         eval_tasks=eval_tasks, resume=resume, trainer=sharded)
         finally:
             sharded.release_followers()
     finally:
@@ -216,13 +216,12 @@ class EvalReport(BaseModel):
 
 def rollout_tasks(model_dir: Path, env: EnvSection, tasks: list[Task], *, k: int, sampling: SamplingConfig,
                   limits: RolloutLimits, servers: list[str], seed: int = 0) -> list[Trajectory]:
-    """Play k episodes of every task with the model, in-process or on vLLM servers."""
+    """Play k episodes of every task with the model, in-process or on vLLM servers (which get the model's weights first)."""
     tokenizer = AutoTokenizer.from_pretrained(model_directory(model_dir, option="--model"))
     make_env = env_factory(env)  # before the engine starts: a bad env.kwargs fails in a second, not after a minute
 
     async def run() -> list[Trajectory]:
-        engine = OpenAIServerEngine(servers) if servers else await VLLMEngine.start(model_dir, seed=seed)
-        async with engine:
+        async with await start_engine(EngineSection(servers=servers), model_dir, seed=seed) as engine:
             return await collect(make_env, tasks, engine, tokenizer, sampling=sampling, group_size=k, limits=limits, seed=seed)
 
     return asyncio.run(run())

@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 from alp_agents import jobs
 from alp_agents.config import Config, apply_overrides, load_config_data
 from alp_agents.demo import DemoConfig, warm_start
-from alp_agents.engines import InferenceEngine, VLLMEngine
+from alp_agents.engines import InferenceEngine
+from alp_agents.engines.factory import EngineSection, start_engine
 from alp_agents.errors import ConfigError
 from alp_agents.trainers.loop import train
 from alp_agents.trainers.run_config import TrainConfig
@@ -177,7 +178,7 @@ def run_lab(cfg: LabConfig, lab_dir: Path, *, arms: list[str] | None = None, see
         warm_start(lab_dir / "warm_start", DemoConfig(demos=cfg.demos, sft=cfg.sft, rl=cfg.rl), train_tasks, console=console)
 
     finished: list[Cell] = []
-    engines: dict[str | None, VLLMEngine] = {}
+    engines: dict[str | None, InferenceEngine] = {}
     bar = tqdm(total=len(cells), desc="lab", unit="run")
     try:
         for cell in cells:
@@ -186,8 +187,8 @@ def run_lab(cfg: LabConfig, lab_dir: Path, *, arms: list[str] | None = None, see
             if not is_finished(run_dir, run_cfg):
                 run_engine = engine or engines.get(run_cfg.engine.dtype)
                 if run_engine is None:
-                    run_engine = engines[run_cfg.engine.dtype] = asyncio.run(VLLMEngine.start(
-                        model_dir, seed=0, dtype=run_cfg.engine.dtype, request_timeout_s=run_cfg.engine.request_timeout_s))
+                    shared = EngineSection(dtype=run_cfg.engine.dtype, request_timeout_s=run_cfg.engine.request_timeout_s)
+                    run_engine = engines[run_cfg.engine.dtype] = asyncio.run(start_engine(shared, model_dir, seed=0))
                 resume = (run_dir / "checkpoint" / "loop.json").is_file()
                 if not resume:
                     shutil.rmtree(run_dir, ignore_errors=True)  # a run that died before its first checkpoint starts over

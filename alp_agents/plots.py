@@ -5,6 +5,7 @@
 - kl.png: KL estimates (k1, k3) of the update and the train-vs-inference chi-square
 - sigma.png: the perturbation's sigma at every perturbed layer
 - entropy_length.png: policy entropy and sampled tokens per episode
+- staleness.png: versions between the policy that sampled each trained token and the one updated (per iteration, histogram)
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         _lines(rows, ["kl/k1", "kl/k3", "mismatch/k3", "mismatch/chi2"], "KL and chi-square (behaviour vs trained policy)", "estimate", out / "kl.png"),
         _lines(rows, sigma_keys, "Perturbation sigma per layer", "sigma", out / "sigma.png", log_y=True),
         _lines(rows, ["entropy/mean", "rollout/sampled_tokens_per_episode"], "Entropy and response length", "value", out / "entropy_length.png", twin=True),
+        _staleness(rows, out / "staleness.png"),
     ]
     return [f for f in figures if f is not None]
 
@@ -92,6 +94,35 @@ def _ratio_envelope(rows: list[Row], path: Path) -> Path | None:
     ax.set_title("Importance-ratio envelope of the update")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _staleness(rows: list[Row], path: Path) -> Path | None:
+    x, mean = _series(rows, "staleness/mean")
+    if not x:
+        return None
+    fig, (over_time, histogram) = plt.subplots(1, 2, figsize=(10, 4))
+    over_time.plot(x, mean, color="C0", label="mean")
+    over_time.plot(*_series(rows, "staleness/max"), color="C3", label="max")
+    over_time.set_xlabel("iteration")
+    over_time.set_ylabel("policy versions behind")
+    over_time.set_title("Staleness of trained tokens")
+    over_time.legend(fontsize=8)
+    over_time.grid(alpha=0.3)
+    prefix = "staleness/tokens_at_lag_"
+    tokens: dict[int, float] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key.startswith(prefix):
+                lag = int(key.removeprefix(prefix))
+                tokens[lag] = tokens.get(lag, 0.0) + value
+    histogram.bar(list(tokens), list(tokens.values()), color="C0")
+    histogram.set_xlabel("policy versions behind")
+    histogram.set_ylabel("trained tokens (whole run)")
+    histogram.set_title("Staleness histogram")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

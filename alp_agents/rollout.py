@@ -191,15 +191,16 @@ class _Episode:
         self.messages: list[Message] = []
         self.turns: list[Turn] = []
         self.reward = 0.0
-        self.versions: list[int] = []
+        self.versions: list[int] = []  # per token, aligned with token_ids: the sampling version, -1 where the loop inserted it
         self.finish_reason = "max_turns"
         self.metadata: dict[str, Any] = {}
 
-    def append(self, token_ids: list[int], logprobs: list[float] | None = None) -> None:
-        """Append ids: sampled ones (with their log-probs) get mask 1; inserted ones (no log-probs) mask 0."""
+    def append(self, token_ids: list[int], logprobs: list[float] | None = None, versions: list[int] | None = None) -> None:
+        """Append ids: sampled ones (with their log-probs and sampling versions) get mask 1; inserted ones mask 0, version -1."""
         self.token_ids += token_ids
         self.loss_mask += [0 if logprobs is None else 1] * len(token_ids)
         self.logprobs += [0.0] * len(token_ids) if logprobs is None else logprobs
+        self.versions += [-1] * len(token_ids) if versions is None else versions
 
     async def play(self, env: EpisodeEnv, task: Any, engine: InferenceEngine, tokenizer: PreTrainedTokenizerBase,
                    sampling: SamplingConfig, limits: RolloutLimits, seed: int) -> None:
@@ -219,8 +220,8 @@ class _Episode:
                 request["seed"] = _request_seed(sampling.seed, seed, len(self.turns))
             generation = await engine.generate(self.token_ids, sampling.model_copy(update=request))
             generation_s = time.perf_counter() - start
-            self.versions.append(generation.policy_version)
-            self.append(generation.token_ids, generation.logprobs)  # mask 1: sampled by the policy
+            # mask 1: sampled by the policy, each token tagged with the weights version that sampled it
+            self.append(generation.token_ids, generation.logprobs, generation.token_policy_versions)
             ended_turn = generation.token_ids[-1:] == [eos_id]
             text = tokenizer.decode(generation.token_ids[:-1] if ended_turn else generation.token_ids, skip_special_tokens=False)
             self.messages.append(Message(role="assistant", content=text))
@@ -249,6 +250,7 @@ class _Episode:
         self.metadata["error"] = f"{type(error).__name__}: {error}"
 
     def trajectory(self) -> Trajectory:
+        sampled_by = [version for version in self.versions if version >= 0]
         return Trajectory(
             token_ids=self.token_ids,
             loss_mask=self.loss_mask,
@@ -258,8 +260,9 @@ class _Episode:
             messages=self.messages,
             turns=self.turns,
             task_id=self.task_id,
-            policy_version=self.versions[0] if self.versions else 0,
-            policy_version_last=self.versions[-1] if self.versions else None,
+            policy_version=sampled_by[0] if sampled_by else 0,
+            policy_version_last=sampled_by[-1] if sampled_by else None,
+            token_policy_versions=self.versions,
             finish_reason=self.finish_reason,
             metadata=self.metadata,
         )

@@ -122,7 +122,8 @@ class Trajectory(BaseModel):
 
     Invariants (checked at construction): `token_ids`, `loss_mask` and `infer_logprobs` have the
     same length; the mask is 0 on the prompt (the first `prompt_length` tokens); log-probs are
-    finite and exactly 0.0 where the mask is 0.
+    finite and exactly 0.0 where the mask is 0; `token_policy_versions`, when present, has the same
+    length too, with a version (>= 0) wherever the mask is 1.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -146,9 +147,15 @@ class Trajectory(BaseModel):
     task_id: str = ""
     """Identifier of the task the episode was played on."""
     policy_version: int = 0
-    """Weights version that sampled the episode's first token."""
+    """Weights version that sampled the episode's first sampled token."""
     policy_version_last: int | None = None
-    """Weights version that sampled its last token (differs from policy_version only under async updates)."""
+    """Weights version that sampled its last sampled token (differs from policy_version only when weights
+    changed during the episode: between turns, or inside a generation under an in-flight update)."""
+    token_policy_versions: list[int] = Field(default_factory=list)
+    """Per token, aligned with token_ids: the weights version that sampled it, or -1 for a token the policy
+    did not sample (prompt, tool output, template tokens the loop inserted). Every token with loss_mask 1
+    has a version; a sampled token whose loss was masked afterwards (overlong masking) keeps its version.
+    Empty in files written before it existed (versions unknown per token: use policy_version)."""
     finish_reason: str = ""
     """Why the episode ended: 'terminated' (by the env), 'max_turns', 'max_tokens' (a turn hit its
     token limit), 'context' (the episode hit its total token limit) or 'error' (see metadata['error'])."""
@@ -162,6 +169,15 @@ class Trajectory(BaseModel):
             raise ValueError(f"loss_mask has {len(self.loss_mask)} entries, token_ids has {n}: they must be equal")
         if len(self.infer_logprobs) != n:
             raise ValueError(f"infer_logprobs has {len(self.infer_logprobs)} entries, token_ids has {n}: they must be equal")
+        if self.token_policy_versions:
+            if len(self.token_policy_versions) != n:
+                raise ValueError(f"token_policy_versions has {len(self.token_policy_versions)} entries, token_ids has {n}: "
+                                 "they must be equal (or empty)")  # fmt: skip
+            for i, (m, version) in enumerate(zip(self.loss_mask, self.token_policy_versions)):
+                if version < -1 or (m == 1 and version < 0):
+                    raise ValueError(f"token_policy_versions[{i}] is {version} where loss_mask is {m}: expected the "
+                                     "version that sampled the token (>= 0), or -1 for a token the policy did not sample "
+                                     "(never where the mask is 1)")  # fmt: skip
         if self.prompt_length > n:
             raise ValueError(f"prompt_length is {self.prompt_length} but token_ids has only {n} tokens")
         if any(self.loss_mask[: self.prompt_length]):

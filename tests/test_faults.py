@@ -25,7 +25,7 @@ from alp_agents.trainers import run_dir as run_dir_module
 from alp_agents.trainers.loop import why_never_updated
 from alp_agents.trainers.run_dir import LoopState, RunDir
 from conftest import survivors
-from test_train_loop import checkpoint_iteration, config_toml, descendants, metric_rows, wait_for
+from test_train_loop import config_toml, descendants, metric_rows, wait_for
 
 TESTS = Path(__file__).parent
 
@@ -68,6 +68,19 @@ def test_a_signal_to_the_process_group_stops_the_run_with_a_checkpoint_and_no_pr
     state = json.loads((run_dir / "checkpoint" / "loop.json").read_text())
     assert state == {"iteration": LAST_COMPLETED[phase], "policy_version": LAST_COMPLETED[phase]}
     assert [row["iteration"] for row in metric_rows(run_dir)] == list(range(LAST_COMPLETED[phase] + 1))
+    assert survivors(started, grace_s=10) == []
+
+
+def test_ctrl_c_with_rollouts_two_versions_ahead_leaves_a_resumable_checkpoint_and_no_process(long_run_config, tmp_path):
+    run_dir = tmp_path / "run"
+    process = run_alp("train", "--config", str(long_run_config), "--run-dir", str(run_dir), "--set", "schedule.max_staleness=2")
+    wait_for(lambda: any(r["iteration"] >= 2 for r in metric_rows(run_dir)), 300, process)
+    started = descendants(process)
+    os.killpg(process.pid, signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 130, output[-3000:]
+    _, _, state = RunDir(run_dir).load_checkpoint()
+    assert state.iteration == state.policy_version == metric_rows(run_dir)[-1]["iteration"] >= 2  # the batches in flight are lost
     assert survivors(started, grace_s=10) == []
 
 

@@ -20,9 +20,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from alp_agents.config import load_config
 from alp_agents.engines import OpenAIServerEngine, SamplingConfig
-from alp_agents.trajectory import Trajectory
-from alp_agents.trainers.loop import has_learning_signal, tasks_for_iteration, train
+from alp_agents.trainers.loop import tasks_for_iteration, train
 from alp_agents.trainers.run_config import TrainConfig
+from alp_agents.trainers.trainer import ALPTrainer
 from conftest import survivors
 
 TESTS = Path(__file__).parent
@@ -178,20 +178,41 @@ def test_ctrl_c_saves_a_checkpoint_and_leaves_no_processes(reference_run, tmp_pa
     assert survivors(started) == []
 
 
+@pytest.mark.parametrize("max_staleness", [0, 2])
+def test_rollouts_run_ahead_of_a_slow_trainer_by_at_most_max_staleness_versions(max_staleness, vllm_engine, tiny_model_dir, tiny_weights,
+                                                                                 tmp_path, monkeypatch):
+    step = ALPTrainer.step
+
+    def slow_step(self, trajectories):
+        time.sleep(3.0)  # the producer meanwhile collects the batches it may
+        return step(self, trajectories)
+
+    monkeypatch.setattr(ALPTrainer, "step", slow_step)
+    sys.path.insert(0, str(TESTS))
+    from alp_agents import jobs
+
+    cfg_path = tmp_path / "run.toml"
+    cfg_path.write_text(config_toml(tiny_model_dir, iterations=5, checkpoint_every=0))
+    cfg = load_config(TrainConfig, cfg_path, [f"schedule.max_staleness={max_staleness}"])
+    train_tasks, eval_tasks = jobs.load_tasks(cfg.data)
+    try:
+        rows = train(cfg, tmp_path / "run", env_factory=jobs.env_factory(cfg.env), model_dir=tiny_model_dir, train_tasks=train_tasks,
+                     eval_tasks=eval_tasks, engine=vllm_engine, progress=False)
+    finally:
+        asyncio.run(vllm_engine.update_weights(tiny_weights, vllm_engine.policy_version + 1))
+    lags = [row["staleness/max"] for row in rows[1:]]
+    assert max(lags) == max_staleness  # the producer ran as far ahead as allowed (batch 3 from policy 0 when k = 2) ...
+    assert all(row["train/stale_episodes"] == 0 for row in rows[1:])  # ... and never further
+    tokens = [sum(v for k, v in row.items() if k.startswith("staleness/tokens_at_lag_")) for row in rows[1:]]
+    assert all(n > 0 for n in tokens) and all(0 <= row["staleness/mean"] <= row["staleness/max"] for row in rows[1:])
+
+
 def test_task_order_is_a_pure_function_of_the_iteration():
     tasks = list(range(10))
     first_epoch = [t for i in range(1, 6) for t in tasks_for_iteration(tasks, i, 2, seed=0)]
     assert sorted(first_epoch) == tasks  # every task once per epoch
     assert tasks_for_iteration(tasks, 7, 2, seed=0) == tasks_for_iteration(tasks, 7, 2, seed=0)
     assert [tasks_for_iteration(tasks, i, 2, seed=0) for i in range(6, 11)] != [tasks_for_iteration(tasks, i, 2, seed=0) for i in range(1, 6)]
-
-
-def test_a_batch_without_learning_signal_is_recognised():
-    def traj(group: str, reward: float) -> Trajectory:
-        return Trajectory(token_ids=[1, 2], loss_mask=[0, 1], infer_logprobs=[0.0, -1.0], prompt_length=1, reward=reward, group_id=group)
-
-    assert not has_learning_signal([traj("a", 1.0), traj("a", 1.0), traj("b", 0.0), traj("b", 0.0)])
-    assert has_learning_signal([traj("a", 1.0), traj("a", 0.0)])
 
 
 def test_training_with_rollouts_on_a_vllm_server(vllm_server, tiny_model_dir, tiny_weights, hf_logprobs, tmp_path):

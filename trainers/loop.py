@@ -1,17 +1,18 @@
-"""The RL training loop, top to bottom: rollouts -> update -> weight sync -> log, every iteration.
+"""The RL training loop, top to bottom: a rollout producer runs ahead; the trainer updates, pushes, logs.
 
-    for iteration in 1..N:
-        trajectories = collect(this iteration's tasks, group_size episodes each)    # engine: policy v
-        metrics      = trainer.step(trajectories)                                   # updates_per_batch AdamW steps
-        engine.update_weights(trainer.policy_state_dict(), v + 1)                   # in memory / over HTTP
-        log the metrics; evaluate on held-out tasks and checkpoint now and then
+    producer (in the background, trainers/producer.py): collect the batch of each iteration n once the
+        engine's policy is at most k versions behind the one batch n trains (n - 1), k = schedule.max_staleness
+    for iteration n in 1..N:
+        batch   = await producer.batch(n)                       # episodes older than k versions are dropped
+        metrics = trainer.step(batch)                           # updates_per_batch AdamW steps: policy n-1 -> n
+        engine.update_weights(trainer.policy_state_dict(), n)   # episodes in flight go on with the new weights
+        producer.advance(n); log the metrics; evaluate and checkpoint now and then
 
-With `schedule.async_rollouts`, iteration n+1's rollouts are generated while the trainer updates on
-iteration n (one step off: staleness <= 1, recorded in every trajectory's policy_version); the
-importance ratio against the engine's log-probs is exactly what ALP corrects.
-
-Under torchrun the loop runs on rank 0 with a `RankZeroTrainer`, whose calls the other ranks mirror
-on their shards of the policy (alp_agents.trainers.distributed).
+k = 0 is synchronous, k = 1 one step off (batch n+1 is sampled while the trainer updates on batch n),
+and every k trades staleness for throughput; the importance ratio against the engine's log-probs is
+what ALP corrects. The trainer is anything with `step`, `policy_state_dict` and `save_checkpoint`
+(PolicyTrainer): ALPTrainer in one process, a RankZeroTrainer under torchrun, whose calls the other
+ranks mirror on their shards of the policy (alp_agents.trainers.distributed).
 
 Failures stay small: a failed episode is dropped from the batch (counted in rollout/failure_rate);
 a batch without any learning signal (every group's rewards equal) is skipped and counted. Ctrl-C
@@ -25,248 +26,205 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import random
-import signal
 import time
-from collections import defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol
 
-import psutil
-import torch
+from torch import Tensor
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from alp_agents.engines import OpenAIServerEngine, VLLMEngine
 from alp_agents.engines.base import InferenceEngine
-from alp_agents.engines.quantize import FakeQuantizedEngine, engine_view, serving_exact_weights
+from alp_agents.engines.factory import start_engine
+from alp_agents.engines.quantize import engine_view, serving_exact_weights
 from alp_agents.errors import Interrupted
 from alp_agents.evaluation import rollout_stats
 from alp_agents.plots import plot_run
-from alp_agents.reaper import kill
 from alp_agents.rollout import EpisodeEnv, collect
 from alp_agents.trajectory import Trajectory
-from alp_agents.trainers.run_config import EngineSection, TrainConfig
+from alp_agents.trainers.batch_shaping import BatchFiller, has_learning_signal, overlong_metrics, shape_overlong
+from alp_agents.trainers.producer import RolloutBatch, RolloutProducer
+from alp_agents.trainers.run_config import TrainConfig
 from alp_agents.trainers.run_dir import LoopState, RunDir
-from alp_agents.trainers.distributed import RankZeroTrainer
+from alp_agents.trainers.stopping import StopRequested, StopSignals, until_stopped
 from alp_agents.trainers.trainer import ALPTrainer, load_policy
 
-T = TypeVar("T")
 
+class PolicyTrainer(Protocol):
+    """What the loop needs from a trainer: ALPTrainer in one process, RankZeroTrainer under torchrun."""
 
-class StopRequested(Exception):
-    """Raised inside the loop when SIGINT/SIGTERM arrives; the loop checkpoints and raises alp_agents.errors.Interrupted."""
+    def step(self, trajectories: Sequence[Trajectory]) -> dict[str, float]: ...
+
+    def policy_state_dict(self) -> dict[str, Tensor]: ...
+
+    def save_checkpoint(self, run: RunDir, tokenizer: PreTrainedTokenizerBase, state: LoopState) -> None: ...
 
 
 def train(cfg: TrainConfig, run_dir: str | Path, *, env_factory: Callable[[], EpisodeEnv], model_dir: str | Path,
           train_tasks: Sequence[Any], eval_tasks: Sequence[Any], resume: bool = False,
           engine: InferenceEngine | None = None, progress: bool = True,
-          sharded_trainer: RankZeroTrainer | None = None) -> list[dict[str, Any]]:
+          trainer: PolicyTrainer | None = None) -> list[dict[str, Any]]:
     """Run (or, with `resume`, continue) the RL loop; return the metrics rows logged by this call.
 
     `engine`: use this running engine instead of starting one (it is left open and its weights changed).
-    `sharded_trainer`: on rank 0 of torchrun, the trainer spread over the ranks, already holding
-    `model_dir`'s weights (and, when resuming, the checkpoint's trainer state).
+    `trainer`: train this one (e.g. the sharded trainer of torchrun's rank 0), which already holds
+    `model_dir`'s weights (and, when resuming, the checkpoint's trainer state); default: an ALPTrainer.
     """
-    return asyncio.run(_train(cfg, RunDir(run_dir), env_factory, Path(model_dir), train_tasks, eval_tasks, resume, engine, progress,
-                              sharded_trainer))
-
-
-async def _train(cfg: TrainConfig, run: RunDir, env_factory: Callable[[], EpisodeEnv], model_dir: Path,
-                 train_tasks: Sequence[Any], eval_tasks: Sequence[Any], resume: bool,
-                 given_engine: InferenceEngine | None, progress: bool, sharded_trainer: RankZeroTrainer | None) -> list[dict[str, Any]]:
-    # -- state: fresh, or from the last checkpoint ---------------------------------------------------
+    run = RunDir(run_dir)
     state, trainer_state = LoopState(iteration=0, policy_version=0), None
     if resume:
         model_dir, trainer_state, state = run.load_checkpoint()
         run.truncate_metrics(after_iteration=state.iteration)
     else:
         run.write_config(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if sharded_trainer is None:
-        model = load_policy(model_dir)
+    if trainer is None:
         engine_copy = partial(engine_view, quantization=cfg.engine.quantize, dtype=cfg.engine.dtype)
-        trainer: ALPTrainer | RankZeroTrainer = ALPTrainer(model, cfg.trainer, engine_copy=engine_copy)
+        trainer = ALPTrainer(load_policy(model_dir), cfg.trainer, engine_copy=engine_copy)
         if trainer_state is not None:
             trainer.load_state_dict(trainer_state)
-    else:
-        trainer = sharded_trainer
+    job = TrainingJob(cfg, run, trainer, AutoTokenizer.from_pretrained(model_dir), env_factory, train_tasks, eval_tasks)
+    return asyncio.run(job.run(state, Path(model_dir), engine, progress))
 
-    def save_checkpoint(state: LoopState) -> None:
-        if isinstance(trainer, RankZeroTrainer):  # gathered from the shards of every rank
-            trainer.save_checkpoint(run, tokenizer, state)
-        else:
-            run.save_checkpoint(model, tokenizer, trainer.state_dict(), state)
-    engine = given_engine or await start_engine(cfg.engine, model_dir, seed=cfg.schedule.seed, version=state.policy_version)
-    if cfg.engine.quantize is not None:
-        engine = FakeQuantizedEngine(engine, cfg.engine.quantize)
-    if given_engine is not None or cfg.engine.quantize is not None:  # the engine holds other weights, or unquantised ones
-        await engine.update_weights(trainer.policy_state_dict(), state.policy_version)
 
-    schedule, rollout = cfg.schedule, cfg.rollout
-    sampling = rollout.sampling
-    eval_sampling = sampling.model_copy(update={"temperature": schedule.eval_temperature})
+class TrainingJob:
+    """One run's pieces, and the loop that drives them (`run`)."""
 
-    def rollouts(iteration: int) -> Awaitable[list[Trajectory]]:
-        tasks = tasks_for_iteration(train_tasks, iteration, rollout.tasks_per_batch, seed=schedule.seed)
-        return collect(env_factory, tasks, engine, tokenizer, sampling=sampling, group_size=rollout.group_size,
-                       limits=rollout.limits, max_concurrency=rollout.max_concurrency, seed=schedule.seed * 100_003 + iteration,
-                       progress=False)
+    def __init__(self, cfg: TrainConfig, run: RunDir, trainer: PolicyTrainer, tokenizer: PreTrainedTokenizerBase,
+                 env_factory: Callable[[], EpisodeEnv], train_tasks: Sequence[Any], eval_tasks: Sequence[Any]) -> None:
+        self.cfg, self.run_dir, self.trainer, self.tokenizer = cfg, run, trainer, tokenizer
+        self.env_factory, self.train_tasks, self.eval_tasks = env_factory, train_tasks, eval_tasks
+        self.engine: InferenceEngine
+        self.producer: RolloutProducer | None = None
+        self.collecting = asyncio.Lock()
+        """Held while rollouts are collected: evaluation takes it to switch the engine to the exact weights."""
 
-    async def evaluate() -> dict[str, float]:
-        if not eval_tasks:
+    async def run(self, state: LoopState, model_dir: Path, given_engine: InferenceEngine | None, progress: bool) -> list[dict[str, Any]]:
+        cfg, run, trainer = self.cfg, self.run_dir, self.trainer
+        self.engine = await start_engine(cfg.engine, model_dir, seed=cfg.schedule.seed, version=state.policy_version,
+                                         weights=trainer.policy_state_dict, running=given_engine)
+        k = cfg.schedule.max_staleness
+        stop = StopSignals(asyncio.get_running_loop())
+        rows: list[dict[str, Any]] = []
+        updating = False  # the trainer's weights are half-updated only while a step runs
+        bar = tqdm(total=cfg.schedule.iterations, initial=state.iteration, desc="train", unit="it", disable=not progress)
+        try:
+            if state.iteration == 0:
+                rows.append({"iteration": 0, "policy_version": 0, **await until_stopped(self.evaluate(state), stop.event)})
+                run.log(rows[-1])
+            self.producer = RolloutProducer(self.collect_batch, self.collecting, first=state.iteration + 1,
+                                            last=cfg.schedule.iterations, version=state.policy_version, max_staleness=k)
+            for iteration in range(state.iteration + 1, cfg.schedule.iterations + 1):
+                # -- 1) the batch, collected ahead by the producer; episodes past the staleness bound are dropped --
+                start = iteration_start = time.perf_counter()
+                batch = await until_stopped(self.producer.batch(iteration), stop.event)
+                fresh = [t for t in batch.trajectories if state.policy_version - t.policy_version <= k]
+                row: dict[str, Any] = {"iteration": iteration, **rollout_metrics(batch.drawn, state.policy_version), **batch.metrics,
+                                       **staleness_metrics(fresh, state.policy_version),
+                                       "train/stale_episodes": float(len(batch.trajectories) - len(fresh))}
+                wait_s = time.perf_counter() - start
+
+                # -- 2) the update (in a thread: the producer keeps collecting meanwhile) ----------------------
+                # A signal meanwhile lets the step finish: one cut half-way would leave no consistent state to save.
+                start = time.perf_counter()
+                updating = True
+                if has_learning_signal(fresh) and len(fresh) >= cfg.trainer.updates_per_batch:
+                    row.update(await asyncio.to_thread(trainer.step, fresh))
+                    row["train/skipped_batch"] = 0.0
+                else:
+                    row["train/skipped_batch"] = 1.0  # every group's rewards are equal: no advantage, no update
+                updating = False
+                state = LoopState(iteration=iteration, policy_version=state.policy_version + 1)
+                train_s = time.perf_counter() - start
+
+                # -- 3) weight sync: episodes in flight and the next batches sample from the new policy ----------
+                start = time.perf_counter()
+                if not stop.is_set():  # stopping: the checkpoint holds the new weights, the engine no longer matters
+                    with contextlib.suppress(StopRequested):
+                        await until_stopped(self.engine.update_weights(trainer.policy_state_dict(), state.policy_version), stop.event)
+                sync_s = time.perf_counter() - start
+
+                # -- 4) log, evaluate, checkpoint ------------------------------------------------------------
+                sampled = sum(t.num_sampled_tokens for t in batch.drawn)
+                row.update({"policy_version": state.policy_version, "time/rollout_s": wait_s, "time/collect_s": batch.collect_s,
+                            "time/train_s": train_s, "time/sync_s": sync_s,
+                            "perf/rollout_tokens_per_s": sampled / max(batch.collect_s, 1e-9)})
+                if not stop.is_set() and self.evaluation_due(iteration):
+                    with contextlib.suppress(StopRequested):
+                        row.update(await until_stopped(self.evaluate(state), stop.event))
+                row["time/iteration_s"] = time.perf_counter() - iteration_start
+                run.log(row)
+                run.write_samples(iteration, batch.drawn)
+                rows.append(row)
+                bar.update()
+                bar.set_postfix(reward=f"{row['rollout/mean_reward']:.2f}", acc=f"{row['rollout/avg_at_k']:.2f}",
+                                tok_s=f"{row['perf/rollout_tokens_per_s']:.0f}", refresh=False)
+                if stop.is_set():
+                    raise StopRequested
+                if iteration == cfg.schedule.iterations or (cfg.schedule.checkpoint_every and iteration % cfg.schedule.checkpoint_every == 0):
+                    trainer.save_checkpoint(run, self.tokenizer, state)
+                # Only now may batches that need this policy start: with k = 0 the next batch follows the evaluation, as
+                # in a synchronous loop, so that a run and its resumed copy sample the same tokens.
+                await self.producer.advance(state.policy_version)
+        except Exception as error:
+            # A Ctrl-C to the whole process group stops vLLM too: its errors are then part of the stop.
+            stopping = stop.is_set() or isinstance(error, StopRequested)
+            if not updating:
+                print(f"\n{stop.name if stopping else type(error).__name__}: saving a checkpoint of iteration {state.iteration} "
+                      f"in {run.checkpoint_path}", flush=True)
+                trainer.save_checkpoint(run, self.tokenizer, state)
+            if not stopping:
+                raise
+        finally:
+            bar.close()
+            if self.producer is not None:
+                await self.producer.close()
+            if given_engine is None:
+                await self.engine.close()
+            stop.remove()
+            run.close()
+        plot_run(run.path)
+        if stop.signal_number is not None:
+            raise Interrupted(f"{stop.name}: stopped after iteration {state.iteration}, checkpoint in {run.checkpoint_path}; "
+                              f"continue with `alp train --run-dir {run.path} --resume`", stop.signal_number)
+        return rows
+
+    async def collect_batch(self, iteration: int) -> RolloutBatch:
+        """The episodes of `iteration`: tasks_per_batch groups, or with dynamic sampling, draws until that many differ."""
+        rollout, seed = self.cfg.rollout, self.cfg.schedule.seed
+        filler, drawn = BatchFiller.for_rollout(rollout), []
+        while not filler.done:
+            draw = filler.draws  # 0, then the extra draws of dynamic sampling, each from its own seeded task order
+            tasks = tasks_for_iteration(self.train_tasks, iteration, filler.needed, seed=seed + 104_729 * draw)
+            episodes = await collect(self.env_factory, tasks, self.engine, self.tokenizer, sampling=rollout.sampling,
+                                     group_size=rollout.group_size, limits=rollout.limits, max_concurrency=rollout.max_concurrency,
+                                     seed=seed * 100_003 + iteration + 10**7 * draw, progress=False)
+            drawn += episodes
+            shaped, _ = shape_overlong(episodes, rollout.overlong, limits=rollout.limits, buffer_fraction=rollout.overlong_buffer_fraction,
+                                       penalty_factor=rollout.overlong_penalty_factor)
+            filler.add(shaped)  # shaped first: a length penalty can make a group informative
+        trajectories = filler.batch()
+        return RolloutBatch(trajectories, drawn, {**filler.metrics(), **overlong_metrics(trajectories)})
+
+    async def evaluate(self, state: LoopState) -> dict[str, float]:
+        """eval/* statistics of the held-out tasks, sampled from the trainer's exact weights."""
+        if not self.eval_tasks:
             return {}
-        # Async rollouts of the next batch finish on the rollout weights before evaluation switches them.
-        async with serving_exact_weights(engine, trainer.policy_state_dict, state.policy_version, in_flight=pending):
-            trajectories = await collect(env_factory, eval_tasks, engine, tokenizer, sampling=eval_sampling, group_size=schedule.eval_k,
-                                         limits=rollout.limits, max_concurrency=rollout.max_concurrency, seed=10**6 + schedule.seed,
-                                         progress=False)
+        schedule, rollout = self.cfg.schedule, self.cfg.rollout
+        sampling = rollout.sampling.model_copy(update={"temperature": schedule.eval_temperature})
+        # Rollouts being collected finish on the rollout weights before evaluation switches them.
+        async with self.collecting, serving_exact_weights(self.engine, self.trainer.policy_state_dict, state.policy_version):
+            trajectories = await collect(self.env_factory, self.eval_tasks, self.engine, self.tokenizer, sampling=sampling,
+                                         group_size=schedule.eval_k, limits=rollout.limits, max_concurrency=rollout.max_concurrency,
+                                         seed=10**6 + schedule.seed, progress=False)
         return {f"eval/{k}": float(v) for k, v in rollout_stats(trajectories).model_dump().items()}
 
-    stop = StopSignals(asyncio.get_running_loop())
-    rows: list[dict[str, Any]] = []
-    pending: asyncio.Task[list[Trajectory]] | None = None
-    updating = False  # the trainer's weights are half-updated only while a step runs
-    bar = tqdm(total=schedule.iterations, initial=state.iteration, desc="train", unit="it", disable=not progress)
-    try:
-        if state.iteration == 0:
-            rows.append({"iteration": 0, "policy_version": 0, **await until_stopped(evaluate(), stop.event)})
-            run.log(rows[-1])
-        for iteration in range(state.iteration + 1, schedule.iterations + 1):
-            # -- 1) rollouts with the current policy (already running if async) ----------------------
-            start = iteration_start = time.perf_counter()
-            pending = pending or asyncio.ensure_future(rollouts(iteration))
-            trajectories = await until_stopped(pending, stop.event)
-            pending = None
-            rollout_s = time.perf_counter() - start
-            if schedule.async_rollouts and iteration < schedule.iterations:
-                pending = asyncio.ensure_future(rollouts(iteration + 1))  # generated while we train
-            row: dict[str, Any] = {"iteration": iteration, **rollout_metrics(trajectories, state.policy_version)}
-
-            # -- 2) the update (in a thread: the event loop keeps feeding async rollouts) ----------------
-            # A signal meanwhile lets the step finish: one cut half-way would leave no consistent state to save.
-            start = time.perf_counter()
-            usable = [t for t in trajectories if t.finish_reason != "error"]
-            updating = True
-            if has_learning_signal(usable) and len(usable) >= cfg.trainer.updates_per_batch:
-                row.update(await asyncio.to_thread(trainer.step, usable))
-                row["train/skipped_batch"] = 0.0
-            else:
-                row["train/skipped_batch"] = 1.0  # every group's rewards are equal: no advantage, no update
-            updating = False
-            state = LoopState(iteration=iteration, policy_version=state.policy_version + 1)
-            train_s = time.perf_counter() - start
-
-            # -- 3) weight sync: the engine samples the next rollouts from the new policy ---------------
-            start = time.perf_counter()
-            if not stop.is_set():  # stopping: the checkpoint holds the new weights, the engine no longer matters
-                with contextlib.suppress(StopRequested):
-                    await until_stopped(engine.update_weights(trainer.policy_state_dict(), state.policy_version), stop.event)
-            sync_s = time.perf_counter() - start
-
-            # -- 4) log, evaluate, checkpoint --------------------------------------------------------
-            sampled = sum(t.num_sampled_tokens for t in trajectories)
-            row.update({"policy_version": state.policy_version, "time/rollout_s": rollout_s, "time/train_s": train_s,
-                        "time/sync_s": sync_s, "perf/rollout_tokens_per_s": sampled / max(rollout_s, 1e-9)})
-            if not stop.is_set() and (iteration == schedule.iterations or (schedule.eval_every and iteration % schedule.eval_every == 0)):
-                with contextlib.suppress(StopRequested):
-                    row.update(await until_stopped(evaluate(), stop.event))
-            row["time/iteration_s"] = time.perf_counter() - iteration_start
-            run.log(row)
-            run.write_samples(iteration, trajectories)
-            rows.append(row)
-            bar.update()
-            bar.set_postfix(reward=f"{row['rollout/mean_reward']:.2f}", acc=f"{row['rollout/avg_at_k']:.2f}",
-                            tok_s=f"{row['perf/rollout_tokens_per_s']:.0f}", refresh=False)
-            if stop.is_set():
-                raise StopRequested
-            if iteration == schedule.iterations or (schedule.checkpoint_every and iteration % schedule.checkpoint_every == 0):
-                save_checkpoint(state)
-    except Exception as error:
-        # A Ctrl-C to the whole process group stops vLLM too: its errors are then part of the stop.
-        stopping = stop.is_set() or isinstance(error, StopRequested)
-        if not updating:
-            print(f"\n{stop.name if stopping else type(error).__name__}: saving a checkpoint of iteration {state.iteration} "
-                  f"in {run.checkpoint_path}", flush=True)
-            save_checkpoint(state)
-        if not stopping:
-            raise
-    finally:
-        bar.close()
-        if pending is not None:
-            pending.cancel()
-            await asyncio.gather(pending, return_exceptions=True)
-        if given_engine is None:
-            await engine.close()
-        stop.remove()
-        run.close()
-    plot_run(run.path)
-    if stop.signal_number is not None:
-        raise Interrupted(f"{stop.name}: stopped after iteration {state.iteration}, checkpoint in {run.checkpoint_path}; "
-                          f"continue with `alp train --run-dir {run.path} --resume`", stop.signal_number)
-    return rows
-
-
-class StopSignals:
-    """SIGINT and SIGTERM during the loop: the first stops it at the next safe point, a second ends the process at once."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.event = asyncio.Event()
-        self.signal_number: int | None = None
-        self._loop = loop
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self._received, sig)
-
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.signal_number).name if self.signal_number is not None else "stop"
-
-    def is_set(self) -> bool:
-        return self.event.is_set()
-
-    def remove(self) -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._loop.remove_signal_handler(sig)
-
-    def _received(self, sig: int) -> None:
-        if self.signal_number is not None:
-            print(f"\n{signal.Signals(sig).name} again: exiting now, without a checkpoint", flush=True)
-            kill(psutil.Process().children(recursive=True))
-            os._exit(128 + sig)
-        self.signal_number = sig
-        self.event.set()
-        print(f"\n{self.name}: cancelling the work in flight and saving a checkpoint (send it again to exit at once)", flush=True)
-
-
-async def start_engine(cfg: EngineSection, model_dir: Path, *, seed: int, version: int) -> InferenceEngine:
-    """vLLM servers over HTTP when `cfg.servers` lists any (they get the weights pushed), else vLLM in this process."""
-    if cfg.servers:
-        engine = OpenAIServerEngine(cfg.servers, timeout_s=cfg.request_timeout_s or 600.0)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        await engine.update_weights(model.state_dict(), version)  # the servers may hold other weights
-        return engine
-    return await VLLMEngine.start(model_dir, seed=seed, dtype=cfg.dtype, request_timeout_s=cfg.request_timeout_s,
-                                  weights_timeout_s=cfg.weights_timeout_s, version=version)
-
-
-async def until_stopped(work: Awaitable[T], stop: asyncio.Event) -> T:
-    """Await `work`, unless `stop` is set first: then cancel it and raise StopRequested.
-
-    Stopping wins over the work's own failure: a Ctrl-C to the process group reaches vLLM too, and
-    the engine errors that follow are part of the stop, not a fault of their own.
-    """
-    job = asyncio.ensure_future(work)
-    stopper = asyncio.ensure_future(stop.wait())
-    await asyncio.wait({job, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    stopper.cancel()
-    if stop.is_set():
-        job.cancel()
-        await asyncio.gather(job, return_exceptions=True)
-        raise StopRequested
-    return job.result()
+    def evaluation_due(self, iteration: int) -> bool:
+        schedule = self.cfg.schedule
+        return iteration == schedule.iterations or bool(schedule.eval_every and iteration % schedule.eval_every == 0)
 
 
 def tasks_for_iteration(tasks: Sequence[Any], iteration: int, per_batch: int, *, seed: int) -> list[Any]:
@@ -281,20 +239,26 @@ def tasks_for_iteration(tasks: Sequence[Any], iteration: int, per_batch: int, *,
     return chosen
 
 
-def has_learning_signal(trajectories: Sequence[Trajectory]) -> bool:
-    """Whether any group's rewards differ (otherwise every GRPO advantage is zero)."""
-    rewards: dict[str, set[float]] = defaultdict(set)
-    for t in trajectories:
-        rewards[t.group_id].add(t.reward)
-    return any(len(values) > 1 for values in rewards.values())
-
-
 def rollout_metrics(trajectories: Sequence[Trajectory], policy_version: int) -> dict[str, float]:
     """rollout/* statistics of a batch, plus staleness: engine versions behind the policy being updated."""
     metrics = {f"rollout/{k}": float(v) for k, v in rollout_stats(trajectories).model_dump().items()}
-    sampled = [t for t in trajectories if t.finish_reason != "error" and t.turns]
-    metrics["rollout/staleness"] = sum(policy_version - t.policy_version for t in sampled) / max(len(sampled), 1)
+    lags = [policy_version - t.policy_version for t in trajectories if t.finish_reason != "error" and t.turns]
+    metrics["rollout/staleness"] = sum(lags) / max(len(lags), 1)
     return metrics
+
+
+def staleness_metrics(trained: Sequence[Trajectory], policy_version: int) -> dict[str, float]:
+    """How many versions behind the policy being updated its trained tokens were sampled: mean, max, tokens per lag."""
+    tokens_at_lag: Counter[int] = Counter()
+    for t in trained:
+        versions = t.token_policy_versions or [t.policy_version] * len(t.token_ids)  # files from before per-token versions
+        tokens_at_lag.update(policy_version - version for mask, version in zip(t.loss_mask, versions) if mask)
+    total = sum(tokens_at_lag.values())
+    return {
+        "staleness/mean": sum(lag * n for lag, n in tokens_at_lag.items()) / max(total, 1),
+        "staleness/max": float(max(tokens_at_lag, default=0)),
+        **{f"staleness/tokens_at_lag_{lag}": float(n) for lag, n in sorted(tokens_at_lag.items())},
+    }
 
 
 def why_never_updated(rows: Sequence[dict[str, Any]]) -> str | None:

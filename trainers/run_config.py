@@ -3,7 +3,7 @@
     [model]     the starting weights          [rollout]   batch shape, sampling, episode limits
     [env]       environment id and arguments  [engine]    in-process vLLM or vLLM servers
     [data]      the tasks: train / held-out   [trainer]   algorithm, loss, optimizer (TrainerConfig)
-    [schedule]  iterations, async, eval, checkpoints
+    [schedule]  iterations, staleness, eval, checkpoints
 
 Unknown keys and invalid values fail at load, naming the field (alp_agents.config.load_config).
 """
@@ -16,7 +16,7 @@ from pydantic import Field, model_validator
 
 from alp_agents.config import Config
 from alp_agents.engines.base import SamplingConfig
-from alp_agents.engines.quantize import Quantization
+from alp_agents.engines.factory import EngineSection
 from alp_agents.rollout import RolloutLimits
 from alp_agents.trainers.trainer import TrainerConfig
 
@@ -79,25 +79,13 @@ class RolloutSection(Config):
     """'penalty': scale of the length penalty added to the reward."""
 
 
-class EngineSection(Config):
-    servers: list[str] = Field(default_factory=list)
-    """Base URLs of vLLM OpenAI-compatible servers (load-balanced); empty starts vLLM in this process."""
-    dtype: str | None = None
-    """Engine dtype ('float32' on CPU by default, the model's on GPU); 'bfloat16' adds a real train/inference mismatch."""
-    request_timeout_s: float | None = Field(120.0, gt=0)
-    """Deadline of one generate call; past it the episode fails (not the run)."""
-    weights_timeout_s: float = Field(600.0, gt=0)
-    """Deadline of one weight push to the in-process engine; past it the run stops, with a checkpoint."""
-    quantize: Quantization | None = None
-    """Fake-quantise the engine's copy of the weights on every push (e.g. {bits = 4, group_size = 32}); the trainer stays
-    float32. A tunable train/inference mismatch for the mismatch lab; None serves the trainer's weights as they are."""
-
-
 class ScheduleSection(Config):
     iterations: int = Field(30, ge=1)
     """Rollout + update iterations."""
-    async_rollouts: bool = False
-    """One-step-off: generate iteration n+1's rollouts while the trainer updates on iteration n (staleness <= 1)."""
+    max_staleness: int = Field(0, ge=0)
+    """k: rollouts run ahead of the trainer by at most k policy versions (0: synchronous; 1: one step off, iteration n+1's
+    rollouts generated while the trainer updates on iteration n). An episode sampled more than k versions before the
+    update that would train on it is dropped (train/dropped_stale)."""
     eval_every: int = Field(10, ge=0)
     """Evaluate on the held-out tasks every this many iterations (0: only before the first and after the last)."""
     eval_k: int = Field(2, ge=1)

@@ -40,7 +40,7 @@ import torch
 from pydantic import Field, ValidationInfo, field_validator
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from alp_agents.config import Config
 from alp_agents.errors import ConfigError, TrajectoryError
@@ -60,6 +60,7 @@ from alp_agents.trainers.losses import (
 )
 from alp_agents.trainers.metrics import advantage_metrics, loss_metrics, mismatch_metrics, sigma_metrics
 from alp_agents.trainers.perturbation import LayerPerturbation, LayerSelection
+from alp_agents.trainers.run_dir import LoopState, RunDir
 
 logger = logging.getLogger(__name__)
 
@@ -352,6 +353,10 @@ class ALPTrainer:
             "sigma_calibrated": self.sigma_calibrated,
             "shuffle_rng": self._shuffle.get_state(),
         }
+
+    def save_checkpoint(self, run: RunDir, tokenizer: PreTrainedTokenizerBase, state: LoopState) -> None:
+        """The model (a Hugging Face directory), this trainer's `state_dict()` and the loop's state, in `run`'s checkpoint."""
+        run.save_checkpoint(self.model, tokenizer, self.state_dict(), state)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a `state_dict()` saved by a trainer with the same algo and model architecture."""

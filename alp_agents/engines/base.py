@@ -8,8 +8,12 @@ it actually sampled from, why it stopped, and the weights version that produced 
 Two helpers every engine is built from live here too:
 - `EngineThread`: the engine's own event loop on a background thread, so one engine serves any
   number of `asyncio.run` calls in turn (one per rollout batch) and any caller's loop.
-- `WeightVersionGate`: generations never straddle a weight update, so `Generation.policy_version`
-  is exact.
+- `WeightVersionGate`: generations never straddle a weight update (engines that drain for an
+  update; the in-process vLLM engine updates in flight instead and needs no gate).
+
+Weight versions are per token: `Generation.token_policy_versions` names the weights that sampled each
+token, because an engine that takes new weights while a generation is in flight continues it under
+them (see VLLMEngine.update_weights).
 """
 
 from __future__ import annotations
@@ -85,12 +89,28 @@ class Generation(BaseModel):
     """'stop': end-of-sequence token, stop token or stop string; 'length': max_tokens reached;
     'abort': the engine dropped the request (its tokens so far are kept)."""
     policy_version: int
-    """The weights version that sampled every one of these tokens (see WeightVersionGate)."""
+    """The weights version that sampled the first token (for compatibility; the version the request
+    started under when no token was sampled). Use token_policy_versions when weights change in flight."""
+    token_policy_versions: list[int] = Field(default_factory=list)
+    """The weights version that sampled each token, one per token id. Left out, every
+    token gets policy_version (an engine whose generations never straddle an update)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _versions_default_to_policy_version(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("token_policy_versions") and "policy_version" in data:
+            return {**data, "token_policy_versions": [data["policy_version"]] * len(data.get("token_ids") or [])}
+        return data
 
     @model_validator(mode="after")
-    def _one_logprob_per_token(self) -> Self:
+    def _one_logprob_and_version_per_token(self) -> Self:
         if len(self.logprobs) != len(self.token_ids):
             raise ValueError(f"{len(self.token_ids)} token ids but {len(self.logprobs)} log-probs; expected one per token")
+        versions = self.token_policy_versions
+        if len(versions) != len(self.token_ids):
+            raise ValueError(f"{len(self.token_ids)} token ids but {len(versions)} token_policy_versions; expected one per token")
+        if versions and versions[0] != self.policy_version:
+            raise ValueError(f"policy_version is {self.policy_version} but the first token was sampled by version {versions[0]}")
         return self
 
 
@@ -108,7 +128,11 @@ class InferenceEngine(Protocol):
         ...
 
     async def update_weights(self, named_tensors: NamedTensors, version: int) -> None:
-        """Load new weights (a full state dict, HF names) into the running engine and call them `version`."""
+        """Load new weights (a full state dict, HF names) into the running engine and call them `version`.
+
+        Generations in flight may continue under the new weights (their later tokens then carry
+        `version` in token_policy_versions) or finish on the old ones first; each engine says which.
+        """
         ...
 
     async def close(self) -> None:

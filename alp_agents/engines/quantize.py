@@ -15,11 +15,10 @@ embedding by the engine, as in weight-only quantisation schemes.
 
 from __future__ import annotations
 
-import asyncio
 import copy
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -98,6 +97,8 @@ class FakeQuantizedEngine(ClosesOnExit):
         return await self.engine.generate(prompt_token_ids, sampling)
 
     async def update_weights(self, named_tensors: NamedTensors, version: int) -> None:
+        """Push the fake-quantised weights; generations in flight see them as the wrapped engine's updates do
+        (VLLMEngine: from their next token on, tagged with `version` in token_policy_versions)."""
         await self.engine.update_weights(fake_quantize(named_tensors, self.quantization), version)
 
     async def close(self) -> None:
@@ -105,19 +106,16 @@ class FakeQuantizedEngine(ClosesOnExit):
 
 
 @asynccontextmanager
-async def serving_exact_weights(engine: InferenceEngine, weights: Callable[[], NamedTensors], version: int, *,
-                                in_flight: asyncio.Future[Any] | None = None) -> AsyncIterator[None]:
+async def serving_exact_weights(engine: InferenceEngine, weights: Callable[[], NamedTensors], version: int) -> AsyncIterator[None]:
     """Inside the block a FakeQuantizedEngine serves `weights()` unquantised (any other engine is left alone).
 
     Evaluation runs inside it, so held-out accuracy measures the trained policy itself, not the engine's
-    degraded copy; on the way out the quantised weights are pushed back for the next rollouts.
-    `in_flight`: rollouts that must finish on the quantised weights before the switch (async rollouts).
+    degraded copy; on the way out the quantised weights are pushed back for the next rollouts. The
+    caller keeps rollouts from running meanwhile (the training loop holds its `collecting` lock).
     """
     if not isinstance(engine, FakeQuantizedEngine):
         yield
         return
-    if in_flight is not None:
-        await asyncio.wait({in_flight})
     exact = weights()
     await engine.engine.update_weights(exact, version)
     try:
