@@ -112,3 +112,31 @@ def hf_logprobs(tiny_model_dir: Path, tiny_weights):
         return logits.log_softmax(-1).gather(1, torch.tensor(sampled)[:, None])[:, 0].tolist()
 
     return compute
+
+
+# --- Helpers the engine tests share.
+
+
+@pytest.fixture(scope="session")
+def prompts(tiny_model_dir: Path) -> list[list[int]]:
+    """Three chat prompts of the tiny model, as token ids."""
+    from transformers import AutoTokenizer
+
+    from alp_agents.chat import prompt_token_ids
+    from alp_agents.trajectory import Message
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    texts = ["What is 12 * 34? Use the calculator.", "Compute 7 + 8 and put the answer in \\boxed{}.", "Hello"]
+    return [prompt_token_ids(tokenizer, [Message(role="user", content=text)]) for text in texts]
+
+
+def perturbed(weights: dict, seed: int) -> dict:
+    """`weights` plus seeded Gaussian noise of std 0.05: other weights, which change every log-prob by > 0.05."""
+    import torch
+
+    noise = torch.Generator().manual_seed(seed)
+    return {name: tensor + 0.05 * torch.randn(tensor.shape, generator=noise) for name, tensor in weights.items()}
+
+
+def max_abs_diff(a: list[float], b: list[float]) -> float:
+    return max(abs(x - y) for x, y in zip(a, b, strict=True))

@@ -13,30 +13,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from alp_agents.chat import prompt_token_ids
 from alp_agents.engines import Generation, InferenceEngine, SamplingConfig
 from alp_agents.engines.vllm_engine import map_vllm_exceptions, vllm_exception_map
 from alp_agents.engines.weight_sync import weights_file
 from alp_agents.errors import EngineError, EngineTimeout, EngineUnavailable, ModelError
-from alp_agents.trajectory import Message
+from conftest import max_abs_diff, perturbed
 
 LOGPROB_TOLERANCE = 1e-4  # measured max |vLLM - HF| is ~1e-6 in float32; a stale cache or wrong weights is > 0.1
-
-
-@pytest.fixture(scope="module")
-def prompts(tiny_model_dir) -> list[list[int]]:
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    texts = ["What is 12 * 34? Use the calculator.", "Compute 7 + 8 and put the answer in \\boxed{}.", "Hello"]
-    return [prompt_token_ids(tokenizer, [Message(role="user", content=text)]) for text in texts]
-
-
-def perturbed(weights: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
-    noise = torch.Generator().manual_seed(seed)
-    return {name: tensor + 0.05 * torch.randn(tensor.shape, generator=noise) for name, tensor in weights.items()}
-
-
-def max_abs_diff(a: list[float], b: list[float]) -> float:
-    return max(abs(x - y) for x, y in zip(a, b, strict=True))
 
 
 def test_engine_satisfies_the_protocol(vllm_engine):

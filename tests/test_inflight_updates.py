@@ -13,30 +13,14 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from alp_agents.chat import prompt_token_ids
 from alp_agents.engines import Generation, SamplingConfig
 from alp_agents.engines.vllm_engine import token_versions
 from alp_agents.errors import EngineError
-from alp_agents.trajectory import Message, Trajectory, read_trajectories, write_trajectories
+from alp_agents.trajectory import Trajectory, read_trajectories, write_trajectories
+from conftest import max_abs_diff, perturbed
 
 LOGPROB_TOLERANCE = 1e-4  # measured max |vLLM - HF| is ~1e-6 in float32; the wrong weights or a stale KV is > 0.05
 LENGTH = 240  # tokens per generation: long enough that two updates land while it runs
-
-
-@pytest.fixture(scope="module")
-def prompts(tiny_model_dir) -> list[list[int]]:
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    texts = ["What is 12 * 34? Use the calculator.", "Compute 7 + 8 and put the answer in \\boxed{}.", "Hello"]
-    return [prompt_token_ids(tokenizer, [Message(role="user", content=text)]) for text in texts]
-
-
-def perturbed(weights: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
-    noise = torch.Generator().manual_seed(seed)
-    return {name: tensor + 0.05 * torch.randn(tensor.shape, generator=noise) for name, tensor in weights.items()}
-
-
-def max_abs_diff(a: list[float], b: list[float]) -> float:
-    return max(abs(x - y) for x, y in zip(a, b, strict=True))
 
 
 async def tokens_reach(engine, count: int, requests: int, timeout_s: float = 120.0) -> None:

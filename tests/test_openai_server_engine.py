@@ -22,6 +22,7 @@ from alp_agents.engines import Generation, InferenceEngine, OpenAIServerEngine, 
 from alp_agents.engines.openai_server import httpx_exception_map, map_httpx_exceptions
 from alp_agents.errors import ConfigError, EngineError, EngineTimeout, EngineUnavailable, ModelError
 from alp_agents.trajectory import Message
+from conftest import max_abs_diff
 
 LOGPROB_TOLERANCE = 1e-4
 
@@ -79,10 +80,6 @@ def run_with(engine: OpenAIServerEngine, work: Callable[[OpenAIServerEngine], Aw
             return await work(engine)
 
     return asyncio.run(main())
-
-
-def max_abs_diff(a: list[float], b: list[float]) -> float:
-    return max(abs(x - y) for x, y in zip(a, b, strict=True))
 
 
 def test_engine_satisfies_the_protocol(engine):

@@ -20,7 +20,6 @@ from contextlib import ExitStack
 
 import httpx
 import pytest
-import torch
 from transformers import AutoModelForCausalLM
 
 from alp_agents import jobs
@@ -31,6 +30,7 @@ from alp_agents.errors import EngineUnavailable
 from alp_agents.trainers.loop import train
 from alp_agents.trainers.run_config import TrainConfig
 from test_train_loop import config_toml, metric_rows
+from conftest import max_abs_diff, perturbed
 
 PROMPT = [10 + (7 * j) % 400 for j in range(24)]
 HEALTH = {"health_interval_s": 0.5, "health_timeout_s": 3.0}  # a stall is noticed within 3.5 s
@@ -65,11 +65,6 @@ class RecordingTransport(httpx.AsyncHTTPTransport):
         return sum(post == f"{url}/inference/v1/generate" for post in self.posts)
 
 
-def shifted(weights: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
-    noise = torch.Generator().manual_seed(seed)
-    return {name: t + 0.05 * torch.randn(t.shape, generator=noise) for name, t in weights.items()}
-
-
 def kill(server: VLLMServer) -> None:
     """SIGKILL the server's whole process group (API server, EngineCore, worker), as a crash would."""
     try:
@@ -86,10 +81,6 @@ async def wait_until(condition: Callable[[], bool], timeout_s: float) -> None:
         await asyncio.sleep(0.01)
 
 
-def max_abs_diff(a: list[float], b: list[float]) -> float:
-    return max(abs(x - y) for x, y in zip(a, b, strict=True))
-
-
 def test_alp_eval_at_a_dead_server_fails_at_once_with_one_line(tiny_model_dir):
     command = [sys.executable, "-m", "alp_agents.cli", "eval", "--model", str(tiny_model_dir), "--data", "arithmetic:2", "--k", "1",
                "--server", "http://127.0.0.1:9"]  # fmt: skip
@@ -103,7 +94,7 @@ def test_alp_eval_at_a_dead_server_fails_at_once_with_one_line(tiny_model_dir):
 def test_stalled_server_is_bypassed_within_seconds_and_rejoins_with_the_current_weights(servers, tiny_weights, hf_logprobs, caplog):
     caplog.set_level(logging.WARNING, logger="alp_agents.engines.openai_server")
     stalled, other = servers
-    v1, v2 = shifted(tiny_weights, 1), shifted(tiny_weights, 2)
+    v1, v2 = perturbed(tiny_weights, 1), perturbed(tiny_weights, 2)
     recorder = RecordingTransport()
     engine = OpenAIServerEngine([stalled.url, other.url], transport=recorder, timeout_s=120, **HEALTH)
 

@@ -207,6 +207,30 @@ def test_rollouts_run_ahead_of_a_slow_trainer_by_at_most_max_staleness_versions(
     assert all(n > 0 for n in tokens) and all(0 <= row["staleness/mean"] <= row["staleness/max"] for row in rows[1:])
 
 
+@pytest.mark.parametrize(("group_size", "informative"), [(4, True), (1, False)])
+def test_dynamic_sampling_fills_the_batch_with_informative_groups_or_stops_at_its_bound(group_size, informative, vllm_engine,
+                                                                                        tiny_model_dir, tiny_weights, tmp_path):
+    sys.path.insert(0, str(TESTS))
+    from alp_agents import jobs
+
+    cfg_path = tmp_path / "run.toml"
+    cfg_path.write_text(config_toml(tiny_model_dir, iterations=2, checkpoint_every=0))
+    cfg = load_config(TrainConfig, cfg_path, ["rollout.dynamic_sampling=true", "rollout.dynamic_sampling_max_draws=3",
+                                              f"rollout.group_size={group_size}"])
+    train_tasks, eval_tasks = jobs.load_tasks(cfg.data)
+    try:
+        rows = train(cfg, tmp_path / "run", env_factory=jobs.env_factory(cfg.env), model_dir=tiny_model_dir, train_tasks=train_tasks,
+                     eval_tasks=eval_tasks, engine=vllm_engine, progress=False)
+    finally:
+        asyncio.run(vllm_engine.update_weights(tiny_weights, vllm_engine.policy_version + 1))
+    for row in rows[1:]:  # tasks_per_batch = 2
+        if informative:  # parity rewards differ within most groups of 4: the batch fills, with extra draws if needed
+            assert row["batch/groups_kept"] == 2 and row["batch/shortfall"] == 0 and row["train/skipped_batch"] == 0
+        else:  # a group of one never differs: every draw up to the bound, then a counted shortfall and no update
+            assert (row["batch/groups_drawn"], row["batch/groups_kept"], row["batch/shortfall"]) == (6, 0, 2)
+            assert row["train/skipped_batch"] == 1
+
+
 def test_task_order_is_a_pure_function_of_the_iteration():
     tasks = list(range(10))
     first_epoch = [t for i in range(1, 6) for t in tasks_for_iteration(tasks, i, 2, seed=0)]
@@ -215,16 +239,18 @@ def test_task_order_is_a_pure_function_of_the_iteration():
     assert [tasks_for_iteration(tasks, i, 2, seed=0) for i in range(6, 11)] != [tasks_for_iteration(tasks, i, 2, seed=0) for i in range(1, 6)]
 
 
-def test_training_with_rollouts_on_a_vllm_server(vllm_server, tiny_model_dir, tiny_weights, hf_logprobs, tmp_path):
+@pytest.mark.parametrize("max_staleness", [0, 2])
+def test_training_with_rollouts_on_a_vllm_server(max_staleness, vllm_server, tiny_model_dir, tiny_weights, hf_logprobs, tmp_path):
     from alp_agents import jobs
     sys.path.insert(0, str(TESTS))
     cfg_path = tmp_path / "run.toml"
-    cfg_path.write_text(config_toml(tiny_model_dir, iterations=2, checkpoint_every=0))
-    cfg = load_config(TrainConfig, cfg_path, [f'engine.servers=["{vllm_server.url}"]'])
+    cfg_path.write_text(config_toml(tiny_model_dir, iterations=3, checkpoint_every=0))
+    cfg = load_config(TrainConfig, cfg_path, [f'engine.servers=["{vllm_server.url}"]', f"schedule.max_staleness={max_staleness}"])
     train_tasks, eval_tasks = jobs.load_tasks(cfg.data)
     rows = train(cfg, tmp_path / "run", env_factory=jobs.env_factory(cfg.env), model_dir=tiny_model_dir, train_tasks=train_tasks,
                  eval_tasks=eval_tasks, progress=False)
-    assert [r["iteration"] for r in rows] == [0, 1, 2] and rows[-1]["rollout/failure_rate"] == 0.0
+    assert [r["iteration"] for r in rows] == [0, 1, 2, 3] and rows[-1]["rollout/failure_rate"] == 0.0
+    assert all(r["staleness/max"] <= max_staleness for r in rows[1:])
     assert_server_serves(tmp_path / "run" / "checkpoint" / "model", vllm_server.url, tiny_model_dir, tiny_weights, hf_logprobs)
 
 
