@@ -22,14 +22,10 @@ import httpx
 import pytest
 from transformers import AutoModelForCausalLM
 
-from alp_agents import jobs
-from alp_agents.config import load_config
 from alp_agents.engines import Generation, OpenAIServerEngine, SamplingConfig, start_vllm_server
 from alp_agents.engines.server import VLLMServer
 from alp_agents.errors import EngineUnavailable
-from alp_agents.trainers.loop import train
-from alp_agents.trainers.run_config import TrainConfig
-from test_train_loop import config_toml, metric_rows
+from test_train_loop import metric_rows, train_in_process
 from conftest import max_abs_diff, perturbed
 
 PROMPT = [10 + (7 * j) % 400 for j in range(24)]
@@ -148,10 +144,7 @@ def test_a_training_run_finishes_on_one_server_when_the_other_is_killed_mid_run(
     survivor, victim = servers
     recorder = RecordingTransport()
     engine = OpenAIServerEngine([survivor.url, victim.url], transport=recorder, **HEALTH)
-    config = tmp_path / "run.toml"
-    config.write_text(config_toml(tiny_model_dir, iterations=4, checkpoint_every=0))
-    cfg = load_config(TrainConfig, config, ["rollout.max_concurrency=8"])  # both servers busy at once
-    run_dir = tmp_path / "run"
+    run_dir = tmp_path / "run"  # train_in_process's
 
     def kill_in_iteration_2() -> None:
         deadline = time.monotonic() + 300
@@ -160,11 +153,9 @@ def test_a_training_run_finishes_on_one_server_when_the_other_is_killed_mid_run(
             time.sleep(0.005)
         kill(victim)
 
-    train_tasks, eval_tasks = jobs.load_tasks(cfg.data)
     with ThreadPoolExecutor(1) as pool:
         killer = pool.submit(kill_in_iteration_2)
-        rows = train(cfg, run_dir, env_factory=jobs.env_factory(cfg.env), model_dir=tiny_model_dir, train_tasks=train_tasks,
-                     eval_tasks=eval_tasks, engine=engine, progress=False)
+        rows = train_in_process(tmp_path, tiny_model_dir, ["rollout.max_concurrency=8"], iterations=4, engine=engine)  # both servers busy
         killer.result()
     assert [row["iteration"] for row in rows] == [0, 1, 2, 3, 4]
     assert [row["rollout/failure_rate"] for row in rows[1:]] == [0.0] * 4  # the requests in flight on the victim moved, none failed

@@ -67,6 +67,19 @@ def alp_train(*args: str) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
+def train_in_process(tmp_path: Path, model_dir: Path, overrides: list[str], *, iterations: int, engine=None) -> list[dict]:
+    """A run of `config_toml` plus `overrides` in this process, on `engine` (default: the engines its config names)."""
+    sys.path.insert(0, str(TESTS))
+    from alp_agents import jobs
+
+    cfg_path = tmp_path / "run.toml"
+    cfg_path.write_text(config_toml(model_dir, iterations=iterations, checkpoint_every=0))
+    cfg = load_config(TrainConfig, cfg_path, overrides)
+    train_tasks, eval_tasks = jobs.load_tasks(cfg.data)
+    return train(cfg, tmp_path / "run", env_factory=jobs.env_factory(cfg.env), model_dir=model_dir, train_tasks=train_tasks,
+                 eval_tasks=eval_tasks, engine=engine, progress=False)
+
+
 def wait_for(predicate, timeout_s: float, process: subprocess.Popen) -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():
@@ -188,16 +201,8 @@ def test_rollouts_run_ahead_of_a_slow_trainer_by_at_most_max_staleness_versions(
         return step(self, trajectories)
 
     monkeypatch.setattr(ALPTrainer, "step", slow_step)
-    sys.path.insert(0, str(TESTS))
-    from alp_agents import jobs
-
-    cfg_path = tmp_path / "run.toml"
-    cfg_path.write_text(config_toml(tiny_model_dir, iterations=5, checkpoint_every=0))
-    cfg = load_config(TrainConfig, cfg_path, [f"schedule.max_staleness={max_staleness}"])
-    train_tasks, eval_tasks = jobs.load_tasks(cfg.data)
     try:
-        rows = train(cfg, tmp_path / "run", env_factory=jobs.env_factory(cfg.env), model_dir=tiny_model_dir, train_tasks=train_tasks,
-                     eval_tasks=eval_tasks, engine=vllm_engine, progress=False)
+        rows = train_in_process(tmp_path, tiny_model_dir, [f"schedule.max_staleness={max_staleness}"], iterations=5, engine=vllm_engine)
     finally:
         asyncio.run(vllm_engine.update_weights(tiny_weights, vllm_engine.policy_version + 1))
     lags = [row["staleness/max"] for row in rows[1:]]
@@ -210,17 +215,9 @@ def test_rollouts_run_ahead_of_a_slow_trainer_by_at_most_max_staleness_versions(
 @pytest.mark.parametrize(("group_size", "informative"), [(4, True), (1, False)])
 def test_dynamic_sampling_fills_the_batch_with_informative_groups_or_stops_at_its_bound(group_size, informative, vllm_engine,
                                                                                         tiny_model_dir, tiny_weights, tmp_path):
-    sys.path.insert(0, str(TESTS))
-    from alp_agents import jobs
-
-    cfg_path = tmp_path / "run.toml"
-    cfg_path.write_text(config_toml(tiny_model_dir, iterations=2, checkpoint_every=0))
-    cfg = load_config(TrainConfig, cfg_path, ["rollout.dynamic_sampling=true", "rollout.dynamic_sampling_max_draws=3",
-                                              f"rollout.group_size={group_size}"])
-    train_tasks, eval_tasks = jobs.load_tasks(cfg.data)
+    overrides = ["rollout.dynamic_sampling=true", "rollout.dynamic_sampling_max_draws=3", f"rollout.group_size={group_size}"]
     try:
-        rows = train(cfg, tmp_path / "run", env_factory=jobs.env_factory(cfg.env), model_dir=tiny_model_dir, train_tasks=train_tasks,
-                     eval_tasks=eval_tasks, engine=vllm_engine, progress=False)
+        rows = train_in_process(tmp_path, tiny_model_dir, overrides, iterations=2, engine=vllm_engine)
     finally:
         asyncio.run(vllm_engine.update_weights(tiny_weights, vllm_engine.policy_version + 1))
     for row in rows[1:]:  # tasks_per_batch = 2
@@ -241,14 +238,8 @@ def test_task_order_is_a_pure_function_of_the_iteration():
 
 @pytest.mark.parametrize("max_staleness", [0, 2])
 def test_training_with_rollouts_on_a_vllm_server(max_staleness, vllm_server, tiny_model_dir, tiny_weights, hf_logprobs, tmp_path):
-    from alp_agents import jobs
-    sys.path.insert(0, str(TESTS))
-    cfg_path = tmp_path / "run.toml"
-    cfg_path.write_text(config_toml(tiny_model_dir, iterations=3, checkpoint_every=0))
-    cfg = load_config(TrainConfig, cfg_path, [f'engine.servers=["{vllm_server.url}"]', f"schedule.max_staleness={max_staleness}"])
-    train_tasks, eval_tasks = jobs.load_tasks(cfg.data)
-    rows = train(cfg, tmp_path / "run", env_factory=jobs.env_factory(cfg.env), model_dir=tiny_model_dir, train_tasks=train_tasks,
-                 eval_tasks=eval_tasks, progress=False)
+    rows = train_in_process(tmp_path, tiny_model_dir, [f'engine.servers=["{vllm_server.url}"]', f"schedule.max_staleness={max_staleness}"],
+                            iterations=3)
     assert [r["iteration"] for r in rows] == [0, 1, 2, 3] and rows[-1]["rollout/failure_rate"] == 0.0
     assert all(r["staleness/max"] <= max_staleness for r in rows[1:])
     assert_server_serves(tmp_path / "run" / "checkpoint" / "model", vllm_server.url, tiny_model_dir, tiny_weights, hf_logprobs)
