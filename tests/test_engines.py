@@ -140,32 +140,6 @@ def test_update_weights_loads_new_weights_and_resets_the_prefix_cache(vllm_engin
     assert max_abs_diff(restored.logprobs, hf_logprobs(long_prompt, restored.token_ids)) < LOGPROB_TOLERANCE
 
 
-def test_drained_update_lets_generations_in_flight_finish_on_the_old_weights(vllm_engine, prompts, hf_logprobs, tiny_weights):
-    # The default update continues them under the new weights instead: tests/test_inflight_updates.py.
-    new_weights = perturbed(tiny_weights, seed=2)
-    sampling = SamplingConfig(max_tokens=200, ignore_eos=True)
-    old_version = vllm_engine.policy_version
-
-    async def run() -> tuple[list[Generation], Generation]:
-        in_flight = [asyncio.create_task(vllm_engine.generate(prompts[i], sampling)) for i in range(3)]
-        states = vllm_engine._llm.output_processor.request_states
-        while len(states) < 3 or min(s.detokenizer.num_output_tokens() for s in list(states.values())) < 1:
-            await asyncio.sleep(0.005)  # until each has started (sampled a token): queued requests would wait for the new weights
-        await vllm_engine.update_weights(new_weights, version=old_version + 1, drain=True)
-        try:
-            later = await vllm_engine.generate(prompts[0], SamplingConfig(max_tokens=16))
-            return await asyncio.gather(*in_flight), later
-        finally:
-            await vllm_engine.update_weights(tiny_weights, version=old_version + 2)
-
-    in_flight, later = asyncio.run(run())
-    for prompt, generation in zip(prompts, in_flight):
-        assert len(generation.token_ids) == 200 and set(generation.token_policy_versions) == {old_version}
-        assert max_abs_diff(generation.logprobs, hf_logprobs(prompt, generation.token_ids)) < LOGPROB_TOLERANCE
-    assert later.policy_version == old_version + 1
-    assert max_abs_diff(later.logprobs, hf_logprobs(prompts[0], later.token_ids, weights=new_weights)) < LOGPROB_TOLERANCE
-
-
 def test_weights_that_do_not_fit_are_refused_and_the_engine_keeps_working(vllm_engine, prompts, tiny_weights, hf_logprobs):
     bad = {**tiny_weights, "model.bogus.weight": torch.zeros(3), "model.layers.0.mlp.up_proj.weight": torch.zeros(2, 2)}
     del bad["model.norm.weight"]
