@@ -6,13 +6,12 @@ episode is correct when its environment said so at the end (`metadata["correct"]
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Sequence
 from math import comb
 
 from pydantic import BaseModel
 
-from alp_agents.trajectory import Trajectory
+from alp_agents.trajectory import Trajectory, group_by_id
 
 TRUNCATED = ("max_turns", "max_tokens", "context")
 """Finish reasons that mean the episode ran out of a budget rather than ending on its own."""
@@ -67,9 +66,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 def rollout_stats(trajectories: Sequence[Trajectory]) -> RolloutStats:
     """Summarise episodes; failed ones count in failure_rate and as incorrect for pass@k, nowhere else."""
     ok = [t for t in trajectories if t.finish_reason != "error"]
-    groups: dict[str, list[Trajectory]] = defaultdict(list)
-    for t in trajectories:
-        groups[t.group_id].append(t)
+    groups = group_by_id(trajectories)
     k = min((len(g) for g in groups.values()), default=0)
     turns = [turn for t in ok for turn in t.turns]
     tool_calls = sum(t.num_tool_calls for t in ok)

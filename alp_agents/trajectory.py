@@ -242,6 +242,14 @@ def read_jsonl(path: str | Path, model: type[M], *, what: str) -> list[M]:
     return records
 
 
+def group_by_id(trajectories: Iterable[Trajectory]) -> dict[str, list[Trajectory]]:
+    """Episodes by group_id (the episodes of one task, which GRPO compares), groups in order of first appearance."""
+    groups: dict[str, list[Trajectory]] = {}
+    for t in trajectories:
+        groups.setdefault(t.group_id, []).append(t)
+    return groups
+
+
 def write_trajectories(path: str | Path, trajectories: Iterable[Trajectory]) -> Path:
     """Write trajectories to `path` as JSON Lines (one episode per line) and return the path."""
     return write_jsonl(path, trajectories)

@@ -25,11 +25,11 @@ penalty changes rewards, and a masked episode carries no loss.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
 
 from alp_agents.rollout import RolloutLimits
-from alp_agents.trajectory import Trajectory
+from alp_agents.trajectory import Trajectory, group_by_id
 
 if TYPE_CHECKING:  # for the annotation only: run_config pulls in the trainer (torch), which this module does not need
     from alp_agents.trainers.run_config import RolloutSection
@@ -41,14 +41,6 @@ LENGTH_TRUNCATED = frozenset({"max_tokens", "context"})
 
 
 # -- groups and dynamic sampling ----------------------------------------------------------------------
-
-
-def group_by_id(trajectories: Iterable[Trajectory]) -> dict[str, list[Trajectory]]:
-    """Episodes by group_id, groups in order of first appearance, episodes in their given order."""
-    groups: dict[str, list[Trajectory]] = {}
-    for t in trajectories:
-        groups.setdefault(t.group_id, []).append(t)
-    return groups
 
 
 def is_informative(group: Sequence[Trajectory]) -> bool:

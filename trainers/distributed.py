@@ -52,7 +52,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from transformers import PreTrainedTokenizerBase
 
 from alp_agents.errors import ConfigError, TrajectoryError
-from alp_agents.trajectory import Trajectory
+from alp_agents.trajectory import Trajectory, group_by_id
 from alp_agents.trainers.batching import collate
 from alp_agents.trainers.run_dir import LoopState, RunDir
 from alp_agents.trainers.perturbation import find_decoder_layers
@@ -114,10 +114,7 @@ def shard_batch(trajectories: Sequence[Trajectory], *, rank: int, world_size: in
     FSDP needs every rank to run the same number of forward/backward passes, so every rank must
     get as many episodes; GRPO needs each group on one rank.
     """
-    groups: dict[str, list[Trajectory]] = {}
-    for trajectory in trajectories:
-        groups.setdefault(trajectory.group_id, []).append(trajectory)
-    ordered = list(groups.values())
+    ordered = list(group_by_id(trajectories).values())
     per_rank, extra = divmod(len(ordered), world_size)
     shards = [sum(ordered[r * per_rank : (r + 1) * per_rank], []) for r in range(world_size)]
     if per_rank == 0 or extra != 0 or len({len(shard) for shard in shards}) != 1:
@@ -384,9 +381,7 @@ def balanced_groups(trajectories: Sequence[Trajectory], world_size: int) -> list
     same number of episodes on every rank and GRPO whole groups, so short groups and the remainder
     are left out of this batch.
     """
-    groups: dict[str, list[Trajectory]] = {}
-    for trajectory in trajectories:
-        groups.setdefault(trajectory.group_id, []).append(trajectory)
+    groups = group_by_id(trajectories)
     if not groups:
         return []
     size = max(len(group) for group in groups.values())
