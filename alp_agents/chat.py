@@ -2,24 +2,50 @@
 
 The agent loop tokenises the opening prompt once, then extends the token ids turn by turn:
 the model's own sampled ids, then the ids of only the *new* text the chat template would insert
-(the end of the assistant turn, the tool results, the next generation prompt). That new text is
-found by rendering a fixed two-message conversation with and without the new messages and taking
-the difference, so it works for any append-only chat template (ChatML, Llama 3, ...).
+(the end of the assistant turn, the tool results, the next generation prompt). The history is
+token-level: what the engine saw is what the trainer sees, even for templates that render earlier
+turns differently once the conversation goes on (Qwen3 drops `<think>...</think>` from assistant
+turns before the last user message). The new text is the template's rendering of a fixed
+conversation followed by the new messages, cut right after the fixed assistant turn's end-of-turn
+token, so the template is never asked to render that turn twice and never has to be append-only.
+
+`load_tokenizer` gives a run its tokenizer, with `model.chat_template` (a file or the template
+itself) in place of the model's own.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+from pathlib import Path
 from typing import Any
 
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from alp_agents.errors import ModelError
 from alp_agents.trajectory import Message
 
-_ANCHOR = [Message(role="user", content="."), Message(role="assistant", content=".")]
+_ANCHOR_TEXT = "ALP-ANCHOR-TURN"
+"""Content of the fixed assistant turn: a word no template rewrites and no new message is likely to contain."""
+_ANCHOR = [Message(role="user", content="."), Message(role="assistant", content=_ANCHOR_TEXT)]
 """A conversation ending in a finished assistant turn: the fixed prefix new messages are rendered after."""
+
+
+def load_tokenizer(model_dir: str | Path, chat_template: str = "", *, option: str = "model.chat_template") -> PreTrainedTokenizerBase:
+    """The tokenizer of `model_dir`, with `chat_template` (a file's path, or the Jinja text itself) replacing its own.
+
+    The override is checked here, by rendering a tool exchange, so that a broken template stops the
+    run at its start (ModelError naming `option`) rather than failing every episode. A tokenizer
+    saved from the result (`save_pretrained`, as checkpoints do) carries the override.
+    """
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if chat_template:
+        tokenizer.chat_template = _template_text(chat_template, option)
+        try:
+            continuation_token_ids(tokenizer, [Message(role="tool", content="1")])
+        except Exception as e:  # jinja errors, template exceptions, ModelError: all mean this template cannot serve a run
+            raise ModelError(f"{option}: the chat template cannot render a tool exchange ({type(e).__name__}: {e})") from e
+    return tokenizer
 
 
 def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, messages: list[Message], tools: list[dict[str, Any]] | None = None) -> list[int]:
@@ -28,17 +54,22 @@ def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, messages: list[Message]
 
 
 def continuation_token_ids(tokenizer: PreTrainedTokenizerBase, new_messages: list[Message]) -> list[int]:
-    """Ids that follow the model's end-of-turn token: rest of its turn, `new_messages`, and the next generation prompt."""
+    """Ids that follow the model's end-of-turn token: rest of its turn, `new_messages`, and the next generation prompt.
+
+    Rendered after the fixed anchor conversation and cut after the anchor assistant's end-of-turn
+    token: what the template writes there does not depend on how it renders earlier turns.
+    """
     eos = tokenizer.eos_token
-    before = _anchor_text(tokenizer)
-    after = render(tokenizer, _ANCHOR + new_messages, add_generation_prompt=True)
-    if not after.startswith(before) or eos not in before:
+    text = render(tokenizer, _ANCHOR + new_messages, add_generation_prompt=True)
+    anchor_at = text.find(_ANCHOR_TEXT)
+    end_of_turn = text.find(eos, anchor_at) if anchor_at != -1 and eos else -1
+    if end_of_turn == -1:
         raise ModelError(
-            "the chat template is not append-only (rendering more messages changed the earlier text), "
-            "so turns cannot be added token by token; use a template that renders each message independently"
+            f"the chat template does not end an assistant turn with the tokenizer's end-of-sequence token {eos!r} "
+            f"(rendered: {text[-200:]!r}), so the model's turns cannot be followed token by token; set the "
+            "tokenizer's eos_token to the template's end-of-turn token"
         )
-    end_of_assistant_turn = before[before.rindex(eos) + len(eos) :]  # e.g. the "\n" after <|im_end|>
-    return tokenizer.encode(end_of_assistant_turn + after[len(before) :], add_special_tokens=False)
+    return tokenizer.encode(text[end_of_turn + len(eos) :], add_special_tokens=False)  # e.g. "\n<|im_start|>tool\n..."
 
 
 def render(
@@ -52,8 +83,19 @@ def render(
     return _render_chat(tokenizer, [m.to_chat() for m in messages], tools, add_generation_prompt)
 
 
-# The agent loop starts every episode of a group from the same prompt and renders the same anchor on
-# every turn; rendering (jinja) and encoding cost more than everything else in starting an episode.
+def _template_text(chat_template: str, option: str) -> str:
+    """The template itself: the file's text when `chat_template` names a file, else `chat_template` when it is Jinja."""
+    if "{{" in chat_template or "{%" in chat_template:
+        return chat_template
+    path = Path(chat_template)
+    if not path.is_file():
+        raise ModelError(f"{option} {chat_template!r} is neither a file nor a Jinja template (no '{{{{' or '{{%'): "
+                         "give the path of a .jinja file or the template's text")
+    return path.read_text(encoding="utf-8")
+
+
+# The agent loop starts every episode of a group from the same prompt; rendering (jinja) and
+# encoding cost more than everything else in starting an episode.
 
 
 @functools.lru_cache(maxsize=1024)
@@ -61,11 +103,6 @@ def _prompt_ids(tokenizer: PreTrainedTokenizerBase, chat_json: str, tools_json: 
     """Ids of a prompt given as JSON (a hashable cache key): its messages' chat dicts and its tool schemas."""
     text = _render_chat(tokenizer, json.loads(chat_json), json.loads(tools_json), add_generation_prompt=True)
     return tuple(tokenizer.encode(text, add_special_tokens=False))
-
-
-@functools.lru_cache(maxsize=16)
-def _anchor_text(tokenizer: PreTrainedTokenizerBase) -> str:
-    return render(tokenizer, _ANCHOR)
 
 
 def _render_chat(tokenizer: PreTrainedTokenizerBase, chat: list[dict[str, Any]], tools: list[dict[str, Any]] | None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import signal
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -27,13 +27,20 @@ Model = Annotated[Path, typer.Option(help="Model directory (any Hugging Face cau
 EnvId = Annotated[str, typer.Option("--env", help="gymnasium id of the environment.")]
 EnvArgs = Annotated[str, typer.Option(help='Environment arguments as JSON, e.g. \'{"max_turns": 3}\'.')]
 Servers = Annotated[Optional[list[str]], typer.Option("--server", help="vLLM server base URL (repeat for several); default: vLLM in-process.")]
+TaskData = Annotated[str, typer.Option("--data", help="Tasks: a built-in eval set (gsm8k, math500, aime24, aime25, minerva, olympiadbench), "
+                                      "a .jsonl/.json/.csv/.parquet file with problem (or question, prompt) and answer columns, "
+                                      "hf:REPO[:SUBSET]\\[@SPLIT] for a Hugging Face Hub dataset, "  # \\[: rich would read [@...] as markup
+                                      "or arithmetic:N[:difficulty[:seed]].")]
+Limit = Annotated[int, typer.Option(help="Use only the first N tasks of --data (0: all).")]
+Transport = Annotated[Literal["file", "http"], typer.Option(help="How --model's weights reach the servers: file (a directory they share) or http (uploaded).")]
+ChatTemplate = Annotated[str, typer.Option(help="Chat template in place of the model's own: a .jinja file, or the template's text.")]
 
 
 @app.command("init-model")
 def init_model(
     out_dir: Annotated[Path, typer.Argument(help="Directory to write the model into.")],
     seed: Annotated[int, typer.Option(help="Seed of the weights (same seed, same bytes).")] = 0,
-    size: Annotated[str, typer.Option(help="tiny (~1M parameters, tests) or small (~10M, demo).")] = "tiny",
+    size: Annotated[str, typer.Option(help="tiny (~1M parameters, tests), small (~10M, demo) or 0.5b (Qwen2.5-0.5B's shape, 494M, for measurements).")] = "tiny",
 ) -> None:
     """Build the embedded default model (tokenizer + Qwen2 weights) from a seed."""
     from alp_agents.tiny import build_tiny_model
@@ -123,7 +130,8 @@ def plot(run_dir: Annotated[Path, typer.Argument(help="Run directory with metric
 @app.command("eval")
 def eval_command(
     model: Model,
-    data: Annotated[str, typer.Option(help="Tasks: a JSONL file with problem/answer/id, or arithmetic:N[:difficulty[:seed]].")],
+    data: TaskData,
+    limit: Limit = 0,
     env: EnvId = "alp_agents/ToolMath-v0",
     env_args: EnvArgs = "{}",
     k: Annotated[int, typer.Option(help="Samples per task (avg@k, pass@k).")] = 4,
@@ -132,6 +140,8 @@ def eval_command(
     max_turns: Annotated[int, typer.Option(help="Most assistant turns per episode.")] = 5,
     max_tokens: Annotated[int, typer.Option(help="Most tokens per turn.")] = 256,
     servers: Servers = None,
+    weights_transport: Transport = "file",
+    chat_template: ChatTemplate = "",
 ) -> None:
     """Multi-turn evaluation: avg@k, pass@k, turns, tool use and errors, truncation, tokens."""
     from alp_agents import jobs
@@ -139,9 +149,10 @@ def eval_command(
     from alp_agents.rollout import RolloutLimits
     from alp_agents.trainers.run_config import EnvSection
 
-    report = jobs.evaluate(model, EnvSection(id=env, kwargs=parse_env_args(env_args)), data, k=k, out=out,
+    report = jobs.evaluate(model, EnvSection(id=env, kwargs=parse_env_args(env_args)), data, limit=limit, k=k, out=out,
                            sampling=SamplingConfig(temperature=temperature),
-                           limits=RolloutLimits(max_turns=max_turns, max_tokens_per_turn=max_tokens), servers=servers or [])
+                           limits=RolloutLimits(max_turns=max_turns, max_tokens_per_turn=max_tokens), servers=servers or [],
+                           weights_transport=weights_transport, chat_template=chat_template)
     print_stats(report.stats, title=f"{model} on {data} ({report.seconds:.0f} s)")
     print(report.model_dump_json())
 
@@ -149,14 +160,17 @@ def eval_command(
 @app.command()
 def rollout(
     model: Model,
-    data: Annotated[str, typer.Option(help="Tasks: a JSONL file, or arithmetic:N[:difficulty[:seed]].")],
+    data: TaskData,
     out: Annotated[Path, typer.Option(help="Trajectories file to write (JSON Lines).")],
+    limit: Limit = 0,
     env: EnvId = "alp_agents/ToolMath-v0",
     env_args: EnvArgs = "{}",
     k: Annotated[int, typer.Option(help="Episodes per task.")] = 1,
     temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
     max_turns: Annotated[int, typer.Option(help="Most assistant turns per episode.")] = 5,
     servers: Servers = None,
+    weights_transport: Transport = "file",
+    chat_template: ChatTemplate = "",
 ) -> None:
     """Play episodes and write the trajectories, for inspection with `alp show`."""
     from alp_agents import jobs
@@ -165,10 +179,34 @@ def rollout(
     from alp_agents.trainers.run_config import EnvSection
     from alp_agents.trajectory import write_trajectories
 
-    trajectories = jobs.rollout_tasks(model, EnvSection(id=env, kwargs=parse_env_args(env_args)), jobs.tasks_from_argument(data), k=k,
+    trajectories = jobs.rollout_tasks(model, EnvSection(id=env, kwargs=parse_env_args(env_args)), jobs.tasks_from_argument(data, limit=limit), k=k,
                                       sampling=SamplingConfig(temperature=temperature), limits=RolloutLimits(max_turns=max_turns),
-                                      servers=servers or [])
+                                      servers=servers or [], weights_transport=weights_transport, chat_template=chat_template)
     console.print(f"wrote {len(trajectories)} trajectories to {write_trajectories(out, trajectories)}")
+
+
+@app.command()
+def serve(
+    model: Model,
+    host: Annotated[str, typer.Option(help="Interface to listen on; 0.0.0.0 for trainers on other machines (trusted networks only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    dtype: Annotated[Optional[str], typer.Option(help="Engine dtype (default: float32 on CPU, the model's on GPU).")] = None,
+    max_model_len: Annotated[int, typer.Option(help="Longest sequence served; the trainer's max_total_tokens must fit.")] = 4096,
+    gpu_memory_utilization: Annotated[float, typer.Option(help="Share of the GPU's memory vLLM takes.")] = 0.9,
+    tensor_parallel_size: Annotated[int, typer.Option(help="GPUs the model is sharded over.")] = 1,
+) -> None:
+    """Serve a model with vLLM for `alp train/eval --server URL`: token-in/token-out generation and weight updates."""
+    from alp_agents.engines.server import start_vllm_server
+    from alp_agents.engines.vllm_setup import VLLMSettings
+    from alp_agents.errors import EngineUnavailable
+    from alp_agents.jobs import model_directory
+
+    settings = VLLMSettings(dtype=dtype, max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
+                            tensor_parallel_size=tensor_parallel_size)
+    with start_vllm_server(model_directory(model, option="--model"), host=host, port=port, settings=settings) as server:
+        console.print(f"serving {model} at {server.url} (weights over file or http); Ctrl-C stops it")
+        server.process.wait()
+        raise EngineUnavailable(f"the vLLM server exited with code {server.process.returncode}; its log ends with:\n{server.log_tail()}")
 
 
 @app.command()
@@ -286,13 +324,25 @@ def main() -> None:
     except AlpError as error:
         stderr.print("[bold red]error:[/]", escape(str(error)))  # a message may hold [brackets]: print them as they are
         raise SystemExit(2) from None
-    except KeyboardInterrupt as interrupt:
-        signal_number = interrupt.args[0] if interrupt.args else signal.SIGINT
-        stderr.print(f"[bold yellow]interrupted:[/] {signal.Signals(signal_number).name}")
-        raise SystemExit(128 + signal_number) from None
+    except KeyboardInterrupt:
+        _exit_interrupted()
+    except SystemExit as exiting:
+        if exiting.code == 130:  # typer turns a KeyboardInterrupt (Ctrl-C, or SIGTERM through _interrupt) into exit 130
+            _exit_interrupted()
+        raise
+
+
+def _exit_interrupted() -> NoReturn:
+    signal_number = _signals_received[-1] if _signals_received else signal.SIGINT
+    stderr.print(f"[bold yellow]interrupted:[/] {signal.Signals(signal_number).name}")
+    raise SystemExit(128 + signal_number) from None
+
+
+_signals_received: list[int] = []
 
 
 def _interrupt(signal_number: int, _frame: object) -> None:
+    _signals_received.append(signal_number)
     raise KeyboardInterrupt(signal_number)
 
 

@@ -25,11 +25,14 @@ from pydantic import BaseModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import alp_agents.envs  # noqa: F401 - registers the built-in environments with gymnasium
+from alp_agents.chat import load_tokenizer
 from alp_agents.config import load_config
 from alp_agents.demonstrations import read_demonstrations, tokenize_demonstration, write_demonstrations
 from alp_agents.engines.base import SamplingConfig
 from alp_agents.engines.factory import EngineSection, start_engine
-from alp_agents.envs import Task, arithmetic_tasks, load_jsonl_tasks, split_tasks
+from alp_agents.engines.openai_server import WeightsTransport
+from alp_agents.envs import Task, arithmetic_tasks, split_tasks
+from alp_agents.envs.tasks import BUILTIN_DATASETS, FieldMap, load_builtin_tasks, load_hub_tasks, load_task_file
 from alp_agents.envs.demos import make_demonstrations
 from alp_agents.errors import ConfigError, ModelError
 from alp_agents.evaluation import RolloutStats, rollout_stats
@@ -46,6 +49,8 @@ from alp_agents.trainers.trainer import load_policy, training_device
 E = TypeVar("E", bound=EpisodeEnv)
 ARITHMETIC_DATA = re.compile(r"arithmetic(:-?\d+){1,3}")
 """`--data arithmetic:N[:difficulty[:seed]]`."""
+HUB_DATA = re.compile(r"hf:(?P<repo>[^:@]+)(:(?P<subset>[^@]+))?(@(?P<split>.+))?")
+"""`--data hf:REPO[:SUBSET][@SPLIT]`, e.g. hf:openai/gsm8k:main@test."""
 
 
 def env_factory(section: EnvSection) -> Callable[[], EpisodeEnv]:
@@ -83,20 +88,42 @@ def built_once(make: Callable[[], E], section: EnvSection) -> Callable[[], E]:
 
 def load_tasks(section: DataSection) -> tuple[list[Task], list[Task]]:
     """(train, held-out) tasks of a data section."""
-    if section.source == "jsonl":
-        if not section.path:
-            raise ConfigError("data.path is empty: data.source = 'jsonl' needs the file's path")
-        if not Path(section.path).is_file():
-            raise ConfigError(f"data.path {section.path!r} is not a file: point it at a JSON Lines file with problem/answer/id fields")
-        tasks = load_jsonl_tasks(section.path)
-        if section.eval_size >= len(tasks):
-            raise ConfigError(f"data.eval_size = {section.eval_size} holds out all {len(tasks)} tasks of {section.path}, "
-                              "leaving none to train on: lower data.eval_size")
-    else:
+    if section.source == "arithmetic":
+        if section.path or section.limit:
+            raise ConfigError("data.source = 'arithmetic' reads no file: set data.source = 'file' to read data.path, or unset "
+                              "data.path and data.limit (data.train_size sets how many problems to make)")
         tasks = arithmetic_tasks(section.train_size + section.eval_size, seed=section.seed, difficulty=section.difficulty)
+    else:
+        tasks = data_section_tasks(section)
+        if section.eval_size >= len(tasks):
+            raise ConfigError(f"data.eval_size = {section.eval_size} holds out all {len(tasks)} tasks of {section.path or section.source}, "
+                              "leaving none to train on: lower data.eval_size")
     if section.eval_size == 0:
         return list(tasks), []
     return split_tasks(tasks, held_out=section.eval_size, seed=section.seed)
+
+
+def data_section_tasks(section: DataSection) -> list[Task]:
+    """The tasks of a file, Hub dataset or built-in set named by a data section (source other than 'arithmetic')."""
+    limit = section.limit or None
+    if section.source in BUILTIN_DATASETS:
+        if section.path or section.fields != type(section.fields)():
+            raise ConfigError(f"data.source = {section.source!r} is a built-in set with its own columns: unset data.path and data.fields, "
+                              "or set data.source = 'file' to read your own file")
+        return load_builtin_tasks(section.source, limit=limit)
+    if not section.path:
+        what = "Hub dataset id, e.g. 'openai/gsm8k'" if section.source == "hub" else "file's path"
+        raise ConfigError(f"data.path is empty: data.source = {section.source!r} needs the {what}")
+    columns = section.fields
+    fields = FieldMap(prompt=columns.prompt or None, answer=columns.answer, id=columns.id or None, system=columns.system or None,
+                      tools=columns.tools or None)
+    if section.source == "hub":
+        return load_hub_tasks(section.path, subset=section.subset or None, split=section.split, fields=fields, limit=limit)
+    path = Path(section.path)
+    if not path.is_file():
+        found = "is a directory" if path.is_dir() else "not found"
+        raise ConfigError(f"data.path {section.path!r} is not a file: {path.resolve()} {found}")
+    return load_task_file(path, fields=fields, limit=limit)
 
 
 def resolve_model(section: ModelSection, work_dir: Path) -> Path:
@@ -215,31 +242,41 @@ class EvalReport(BaseModel):
 
 
 def rollout_tasks(model_dir: Path, env: EnvSection, tasks: list[Task], *, k: int, sampling: SamplingConfig,
-                  limits: RolloutLimits, servers: list[str], seed: int = 0) -> list[Trajectory]:
-    """Play k episodes of every task with the model, in-process or on vLLM servers (which get the model's weights first)."""
-    tokenizer = AutoTokenizer.from_pretrained(model_directory(model_dir, option="--model"))
+                  limits: RolloutLimits, servers: list[str], seed: int = 0, weights_transport: WeightsTransport = "file",
+                  chat_template: str = "") -> list[Trajectory]:
+    """Play k episodes of every task with the model, in-process or on vLLM servers (which get the model's weights first).
+
+    `chat_template`: a template (file or text) in place of the model's own (`--chat-template`)."""
+    tokenizer = load_tokenizer(model_directory(model_dir, option="--model"), chat_template, option="--chat-template")
     make_env = env_factory(env)  # before the engine starts: a bad env.kwargs fails in a second, not after a minute
 
     async def run() -> list[Trajectory]:
-        async with await start_engine(EngineSection(servers=servers), model_dir, seed=seed) as engine:
+        engine_cfg = EngineSection(servers=servers, weights_transport=weights_transport, max_model_len=max(4096, limits.max_total_tokens))
+        async with await start_engine(engine_cfg, model_dir, seed=seed, context_tokens=limits.max_total_tokens) as engine:
             return await collect(make_env, tasks, engine, tokenizer, sampling=sampling, group_size=k, limits=limits, seed=seed)
 
     return asyncio.run(run())
 
 
-def evaluate(model_dir: Path, env: EnvSection, data: str, *, k: int, out: Path | None, sampling: SamplingConfig,
-             limits: RolloutLimits, servers: list[str]) -> EvalReport:
-    """`alp eval`: multi-turn rollouts on a task file, summarised (avg@k, pass@k, tool use, ...)."""
-    tasks = tasks_from_argument(data)
+def evaluate(model_dir: Path, env: EnvSection, data: str, *, limit: int = 0, k: int, out: Path | None, sampling: SamplingConfig,
+             limits: RolloutLimits, servers: list[str], weights_transport: WeightsTransport = "file",
+             chat_template: str = "") -> EvalReport:
+    """`alp eval`: multi-turn rollouts on the first `limit` tasks (0: all) of `--data`, summarised (avg@k, pass@k, tool use, ...)."""
+    tasks = tasks_from_argument(data, limit=limit)
     start = time.perf_counter()
-    trajectories = rollout_tasks(model_dir, env, tasks, k=k, sampling=sampling, limits=limits, servers=servers)
+    trajectories = rollout_tasks(model_dir, env, tasks, k=k, sampling=sampling, limits=limits, servers=servers,
+                                 weights_transport=weights_transport, chat_template=chat_template)
     if out is not None:
         write_trajectories(out, trajectories)
     return EvalReport(model=str(model_dir), env=env.id, data=data, stats=rollout_stats(trajectories), seconds=time.perf_counter() - start)
 
 
-def tasks_from_argument(data: str) -> list[Task]:
-    """Tasks from `--data`: a JSONL file, or `arithmetic:N[:difficulty[:seed]]` for synthetic problems."""
+def tasks_from_argument(data: str, *, limit: int = 0) -> list[Task]:
+    """Tasks from `--data`, the first `limit` of them (0: all): a built-in eval set by name (gsm8k, math500, aime24, aime25,
+    minerva, olympiadbench), a task file (.jsonl, .json, .csv, .parquet with the default columns), `hf:REPO[:SUBSET][@SPLIT]`
+    for a Hugging Face Hub dataset, or `arithmetic:N[:difficulty[:seed]]` for synthetic problems."""
+    if limit < 0:
+        raise ConfigError(f"--limit must be at least 1 (or 0 for all tasks), got {limit}")
     if data.startswith("arithmetic:"):
         if not ARITHMETIC_DATA.fullmatch(data):
             raise ConfigError(f"--data {data!r} is not arithmetic:N[:difficulty[:seed]] with whole numbers, e.g. arithmetic:64:2")
@@ -247,9 +284,21 @@ def tasks_from_argument(data: str) -> list[Task]:
         if n < 1:
             raise ConfigError(f"--data {data!r} asks for {n} problems: ask for at least 1")
         try:
-            return arithmetic_tasks(n, seed=seed, difficulty=difficulty)
+            return arithmetic_tasks(min(n, limit or n), seed=seed, difficulty=difficulty)  # a shorter list is a prefix of a longer one
         except ValueError as e:
             raise ConfigError(f"--data {data!r}: {e}") from e
-    if not Path(data).is_file():
-        raise ConfigError(f"--data {data!r} is neither a JSONL file nor 'arithmetic:N[:difficulty[:seed]]'")
-    return load_jsonl_tasks(data)
+    if data in BUILTIN_DATASETS:
+        return load_builtin_tasks(data, limit=limit or None)
+    if data.startswith("hf:"):
+        hub = HUB_DATA.fullmatch(data)
+        if hub is None:
+            raise ConfigError(f"--data {data!r} is not hf:REPO[:SUBSET][@SPLIT], e.g. hf:openai/gsm8k:main@test")
+        return load_hub_tasks(hub["repo"], subset=hub["subset"], split=hub["split"] or "train", limit=limit or None)
+    path = Path(data)
+    if not path.is_file():
+        close = difflib.get_close_matches(data, list(BUILTIN_DATASETS), n=1)
+        hint = f"did you mean the built-in set {close[0]!r}? " if close else ""
+        raise ConfigError(f"--data {data!r} not found: {path.resolve()} is not a file; {hint}pass a task file (.jsonl, .json, .csv, "
+                          f".parquet), a built-in set ({', '.join(BUILTIN_DATASETS)}), hf:REPO[:SUBSET][@SPLIT] for a Hugging Face "
+                          "Hub dataset, or arithmetic:N[:difficulty[:seed]]")
+    return load_task_file(path, limit=limit or None)

@@ -23,7 +23,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config,
 
 from alp_agents.errors import ModelError
 
-ModelSize = Literal["tiny", "small"]
+ModelSize = Literal["tiny", "small", "0.5b"]
 
 CONTROL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 """Special tokens: skipped when decoding with skip_special_tokens."""
@@ -37,6 +37,9 @@ SIZES: dict[str, dict[str, int]] = {
     "tiny": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=384),
     # ~10M parameters: the demo model, still trainable on 2 CPU cores in minutes.
     "small": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=2, intermediate_size=1024),
+    # Qwen2.5-0.5B's shape (494M parameters, its 151,936-row embedding): for memory and weight-push measurements, not training.
+    "0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, intermediate_size=4864,
+                 vocab_size=151_936),
 }
 
 EMBEDDING_STD = 0.06  # tied embeddings: 0.02 gives near-uniform outputs, 0.5 makes the model copy its input
@@ -92,8 +95,8 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def _build_model(tokenizer: PreTrainedTokenizerFast, *, seed: int, size: str) -> Qwen2ForCausalLM:
+    shape = {"vocab_size": len(tokenizer), **SIZES[size]}  # a larger vocab_size pads the embedding (rows no token uses)
     config = Qwen2Config(
-        vocab_size=len(tokenizer),
         max_position_embeddings=4096,
         tie_word_embeddings=True,
         eos_token_id=tokenizer.eos_token_id,
@@ -101,7 +104,7 @@ def _build_model(tokenizer: PreTrainedTokenizerFast, *, seed: int, size: str) ->
         bos_token_id=None,
         rms_norm_eps=1e-6,
         rope_theta=10000.0,
-        **SIZES[size],
+        **shape,
     )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config).to(torch.float32)

@@ -16,7 +16,18 @@ from alp_agents.envs.base import AssistantText, MessageList, ResetInfo, StepInfo
 from alp_agents.envs.checker import check_env
 from alp_agents.envs.grading import extract_answer, grade, is_equivalent
 from alp_agents.envs.math_env import MathEnv
-from alp_agents.envs.tasks import Task, TaskError, arithmetic_tasks, load_jsonl_tasks, split_tasks
+from alp_agents.envs.tasks import (
+    BUILTIN_DATASETS,
+    FieldMap,
+    Task,
+    TaskError,
+    arithmetic_tasks,
+    load_builtin_tasks,
+    load_hub_tasks,
+    load_jsonl_tasks,
+    load_task_file,
+    split_tasks,
+)
 from alp_agents.envs.tool_env import ToolEnv
 
 BUILTIN_ENVS = {
@@ -31,7 +42,9 @@ for _env_id, _entry_point in BUILTIN_ENVS.items():
 
 __all__ = [
     "AssistantText",
+    "BUILTIN_DATASETS",
     "BUILTIN_ENVS",
+    "FieldMap",
     "MathEnv",
     "MessageList",
     "ResetInfo",
@@ -47,6 +60,9 @@ __all__ = [
     "extract_answer",
     "grade",
     "is_equivalent",
+    "load_builtin_tasks",
+    "load_hub_tasks",
     "load_jsonl_tasks",
+    "load_task_file",
     "split_tasks",
 ]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import string
 from collections.abc import Coroutine, Mapping, Sequence
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import gymnasium
 from gymnasium import spaces
@@ -26,12 +26,11 @@ from typing_extensions import TypedDict  # pydantic can validate typing.TypedDic
 from alp_agents.envs.tasks import Task
 from alp_agents.errors import EnvError
 from alp_agents.tools.base import WorkerThreads
+from alp_agents.tools.parsing import ToolCallStyle
 from alp_agents.trajectory import Message, ToolCall
 
 T = TypeVar("T")
 
-ToolCallStyle = Literal["hermes", "python"]
-"""How an action writes tool calls: Hermes/Qwen `<tool_call>{json}</tool_call>` blocks, or ```python fences."""
 
 MAX_ACTION_CHARS = 1_000_000
 """Upper bound of the action space: far beyond any turn a token budget allows."""
@@ -209,9 +208,10 @@ class TextEnv(gymnasium.Env[list[Message], str]):
         raise NotImplementedError(f"{type(self).__name__} must implement `async def respond(self, action: str) -> TurnResult`")
 
     def opening(self, task: Task) -> list[Message]:
-        """The messages that open an episode: the system prompt (if any), then the task's prompt as the user."""
-        system = [Message(role="system", content=self.system_prompt)] if self.system_prompt else []
-        return [*system, Message(role="user", content=task.prompt)]
+        """The messages that open an episode: the system prompt (the task's own, Task.system, else the env's; none if
+        empty), then the task's prompt as the user."""
+        system = self.system_prompt if task.system is None else task.system
+        return [*([Message(role="system", content=system)] if system else []), Message(role="user", content=task.prompt)]
 
     def tool_schemas(self) -> list[dict[str, Any]]:
         """JSON schemas of the tools the model may call (none by default)."""

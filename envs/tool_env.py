@@ -27,7 +27,8 @@ from alp_agents.envs.base import GRADING_THREADS, TextEnv, ToolCallStyle, TurnRe
 from alp_agents.envs.grading import extract_answer, is_equivalent
 from alp_agents.envs.tasks import Task
 from alp_agents.errors import EnvError, ToolError
-from alp_agents.tools import BUILTIN_TOOLS, Tool, ToolCallError, ToolRegistry, parse_tool_calls
+from alp_agents.tools import BUILTIN_TOOLS, Tool, ToolCallError, ToolRegistry
+from alp_agents.tools.parsing import TOOL_CALL_STYLES, VLLM_FORMATS, tool_call_parser
 from alp_agents.trajectory import Message, ToolCall
 
 SYSTEM_PROMPTS: dict[ToolCallStyle, str] = {
@@ -40,7 +41,7 @@ SYSTEM_PROMPTS: dict[ToolCallStyle, str] = {
         "and what it prints comes back in a tool message. When you are done, put your final answer within \\boxed{}."
     ),
 }
-"""The default system prompt for each tool-call style."""
+"""The default system prompt for each tool-call style (the vLLM formats, whose chat templates explain them, take hermes')."""
 TRUNCATION_MARKER = "...[truncated]"
 CHARS_PER_TOKEN = 4
 """Rough characters per token of English and numbers, to turn a token budget into characters."""
@@ -66,12 +67,16 @@ class ToolEnv(TextEnv):
         config writes them (see `tool_registry`), from which the env makes a registry of its own and
         closes it in `close()`; `tool_call_style`:
         "hermes" for `<tool_call>{json}</tool_call>`, "python" for ```python fences run by the
-        "python" tool; `max_tool_output_chars`: the budget of one tool message (256 tokens' worth);
+        "python" tool, or a vLLM format read by vLLM's parser of that name (VLLM_FORMATS: "llama3_json",
+        "mistral", "pythonic", "qwen3_coder"; the model's chat template shows it the tools);
+        `max_tool_output_chars`: the budget of one tool message (256 tokens' worth);
         `format_penalty`: subtracted when the model stops with neither a call nor an answer;
         `system_prompt`: None for the style's SYSTEM_PROMPTS entry, "" for no system message."""
-        if tool_call_style not in SYSTEM_PROMPTS:
-            raise EnvError(f"tool_call_style must be 'hermes' or 'python', got {tool_call_style!r}")
-        super().__init__(tasks=tasks, max_turns=max_turns, system_prompt=SYSTEM_PROMPTS[tool_call_style] if system_prompt is None else system_prompt)
+        if tool_call_style not in TOOL_CALL_STYLES:
+            raise EnvError(f"tool_call_style must be 'hermes' or 'python' (our own parsers) or a vLLM format "
+                           f"({', '.join(VLLM_FORMATS)}), got {tool_call_style!r}")
+        default_prompt = SYSTEM_PROMPTS.get(tool_call_style, SYSTEM_PROMPTS["hermes"])
+        super().__init__(tasks=tasks, max_turns=max_turns, system_prompt=default_prompt if system_prompt is None else system_prompt)
         self._owns_tools = not isinstance(tools, ToolRegistry)
         self.tools = tools if isinstance(tools, ToolRegistry) else tool_registry(["calculator"] if tools is None else tools)
         if len(self.tools) == 0:
@@ -87,6 +92,7 @@ class ToolEnv(TextEnv):
         if not (math.isfinite(format_penalty) and format_penalty >= 0):
             raise EnvError(f"format_penalty must be a finite number >= 0 (it is subtracted), got {format_penalty}")
         self.tool_call_style: ToolCallStyle = tool_call_style
+        self._parse = tool_call_parser(tool_call_style, self.tool_schemas())  # once per env: a vLLM parser takes a moment to build
         self.max_tool_output_chars = max_tool_output_chars
         self.format_penalty = format_penalty
         self.grade_timeout_s = grade_timeout_s
@@ -97,14 +103,25 @@ class ToolEnv(TextEnv):
             self.tools.close()
         super().close()
 
+    def opening(self, task: Task) -> list[Message]:
+        """TextEnv's opening; a task that lists tools (Task.tools) may use only those: the others are neither shown nor run."""
+        unknown = [name for name in task.tools or [] if name not in self.tools]
+        if unknown:
+            raise EnvError(f"task {task.id!r} lists tools {unknown} that this env does not have; its tools: {', '.join(self.tools.names)}")
+        return super().opening(task)
+
     def tool_schemas(self) -> list[dict[str, Any]]:
-        """The registry's function schemas for Hermes-style calls; none for python style, whose
-        ```python blocks need no schema (the system prompt explains them)."""
-        return self.tools.schemas() if self.tool_call_style == "hermes" else []
+        """The registry's function schemas (the chat template shows them to the model), less those the current
+        task does not list; none for python style, whose ```python blocks need no schema (the system prompt explains them)."""
+        schemas = [] if self.tool_call_style == "python" else self.tools.schemas()
+        return [schema for schema in schemas if self._task_allows(schema["function"]["name"])]
+
+    def _task_allows(self, tool_name: str) -> bool:
+        return self._task is None or self._task.tools is None or tool_name in self._task.tools
 
     async def respond(self, action: str) -> TurnResult:
         """Run the turn's tool calls, or grade its final answer."""
-        calls = parse_tool_calls(action, style=self.tool_call_style)
+        calls = self._parse(action)
         if calls:
             replies = await asyncio.gather(*(self._reply(call) for call in calls))
             failures = sum(not ok for _, ok in replies)
@@ -125,6 +142,10 @@ class ToolEnv(TextEnv):
         """The tool message answering one call, and whether the call succeeded."""
         if isinstance(call, ToolCallError):
             return Message(role="tool", content=self._clip(f"Error: {call.message}")), False
+        if not self._task_allows(call.name):
+            available = ", ".join(self.task.tools or [])
+            return Message(role="tool", name=call.name, tool_call_id=call.id,
+                           content=self._clip(f"Error: tool {call.name!r} is not available for this task; available: {available}")), False
         result = await self.tools.aexecute(call)
         return Message(role="tool", name=call.name, tool_call_id=call.id, content=self._clip(result.content)), result.ok
 

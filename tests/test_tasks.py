@@ -120,13 +120,14 @@ def test_loader_reads_other_field_names_and_numbers(tmp_path):
     ("lines", "message"),
     [
         ([json.dumps({"id": "a", "problem": "p", "answer": "1"}), json.dumps({"id": "b", "answer": "2"})],
-         r"tasks.jsonl:2: missing field 'problem' \(fields present: answer, id\); pass problem_key=\.\.\."),
-        ([json.dumps({"problem": "p", "answer": "1"})], r"tasks.jsonl:1: missing field 'id'.*pass id_key="),
-        ([json.dumps({"id": "a", "problem": "p", "answer": " "})], r"tasks.jsonl:1: field 'answer' is empty"),
-        ([json.dumps({"id": "a", "problem": "p", "answer": ["1"]})], r"tasks.jsonl:1: field 'answer' must be a string or a number, got list"),
+         r"tasks.jsonl:2: no column 'problem' for the prompt \(columns: answer, id\); map the prompt to its column with data.fields"),
+        ([json.dumps({"problem": "p", "answer": "1"})], r"tasks.jsonl:1: no column 'id' for the id \(columns: answer, problem\)"),
+        ([json.dumps({"id": "a", "problem": "p", "answer": " "})], r"tasks.jsonl:1: column 'answer' \(answer\) is empty"),
+        ([json.dumps({"id": "a", "problem": "p", "answer": ["1"]})],
+         r"tasks.jsonl:1: column 'answer' \(answer\) must be a string or a number, got list"),
         (["{not json"], r"tasks.jsonl:1: not valid JSON"),
         (["[1, 2]"], r"tasks.jsonl:1: expected a JSON object per line, got list"),
-        ([json.dumps({"id": "a", "problem": "p", "answer": "1"})] * 2, r"tasks.jsonl:2: id 'a' \(field 'id'\) repeats line 1"),
+        ([json.dumps({"id": "a", "problem": "p", "answer": "1"})] * 2, r"tasks.jsonl:2: id 'a' was already used at \S*tasks.jsonl:1; ids must be unique"),
     ],
 )
 def test_loader_errors_name_file_line_and_field(tmp_path, lines, message):

@@ -14,7 +14,7 @@ Installed as `alp_agents.tools`:
 
 from alp_agents.tools.base import FunctionTool, Tool, ToolArgs, ToolRegistry, ToolResult, tool
 from alp_agents.tools.calculator import Calculator, CalculatorError
-from alp_agents.tools.parsing import ParseStyle, ToolCallError, parse_tool_calls
+from alp_agents.tools.parsing import ToolCallError, ToolCallStyle, parse_tool_calls
 from alp_agents.tools.python_tool import PythonTool
 from alp_agents.tools.sandbox import ExecResult, PythonSandbox
 
@@ -27,12 +27,12 @@ __all__ = [
     "CalculatorError",
     "ExecResult",
     "FunctionTool",
-    "ParseStyle",
     "PythonSandbox",
     "PythonTool",
     "Tool",
     "ToolArgs",
     "ToolCallError",
+    "ToolCallStyle",
     "ToolRegistry",
     "ToolResult",
     "parse_tool_calls",

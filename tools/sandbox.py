@@ -8,15 +8,22 @@ Isolation (the default, `isolation="bwrap"`) uses bubblewrap and the kernel's ow
   /proc and /dev, and an empty size-capped tmpfs at /tmp (the working directory) and /dev/shm
   (a Python install under /tmp, e.g. a CI checkout's virtualenv, is bound inside that tmpfs).
   Nothing else of the host is visible: no /etc, no home directories, no project files;
-- the first program inside drops to the unprivileged host uid 65534 with `setpriv` (no
-  capabilities, no new privileges). A user namespace alone would not do: run as root, it maps the
-  sandbox user onto host uid 0, which may still write /proc/sys;
+- the program runs as uid 65534 with no capabilities and no new privileges. As root, bwrap makes
+  no user namespace and the first program inside drops to host uid 65534 with `setpriv`: a user
+  namespace alone would not do, since run as root it maps the sandbox user onto host uid 0, which
+  may still write /proc/sys. As any other user, bwrap runs unprivileged in a new user namespace
+  (uid 65534 inside, the calling user on the host, no capabilities) and with `--disable-userns`,
+  so the program cannot create user namespaces of its own;
 - no host environment variables (bwrap starts with a minimal environment and clears it again);
 - the code travels through a pipe, never the command line (which /proc/*/cmdline would show);
-- limits: wall time and CPU time, memory and process count for the whole sandbox (a cgroup v1
-  per run; where cgroups are not writable, per-process RLIMIT_AS and RLIMIT_NPROC instead), file
-  size (RLIMIT_FSIZE), scratch size, and output (read here in bounded chunks with a deadline; a
-  program that writes more than its budget is stopped);
+- limits: wall time and CPU time, memory and process count for the whole sandbox, file size
+  (RLIMIT_FSIZE), scratch size, and output (read here in bounded chunks with a deadline; a program
+  that writes more than its budget is stopped). Memory and processes are capped by a cgroup per
+  run: cgroup v1 where its memory and pids hierarchies are writable (root), else cgroup v2 in this
+  process's own cgroup where it is writable and offers the memory and pids controllers (root on a
+  v2 host, or a delegated subtree such as `systemd-run --user --scope -p Delegate=yes`). Without
+  either, per-process RLIMIT_AS and RLIMIT_NPROC stand in, with a warning logged once (or a
+  SandboxError, with `require_limits=True`); `limits_enforced_by` says which mechanism holds;
 - nothing survives a run: at the end every process in the run's process group, cgroup and PID
   namespace is killed, and the scratch tmpfs disappears with its mount namespace.
 
@@ -29,13 +36,20 @@ caller explicitly asks for `isolation="none"`: a plain subprocess with the same 
 isolation at all, for trusted code or machines where namespaces are unavailable.
 
 Known limits: there is no seccomp filter, so the program can still call any system call its uid
-may (including creating an unprivileged user namespace); the kernel is the boundary.
+may (started as root, that includes creating an unprivileged user namespace); the kernel is the
+boundary. Without cgroups, RLIMIT_AS caps each process, not their sum; RLIMIT_NPROC counts the
+processes of uid 65534 on the whole host when started as root, and only the sandbox's own (its
+user namespace, Linux 5.14 or later) otherwise.
 """
 
 from __future__ import annotations
 
+import abc
 import enum
+import errno
 import functools
+import json
+import logging
 import math
 import os
 import queue
@@ -68,9 +82,18 @@ INSTALL_HINT = (
     "`make setup` does it for you), or pass isolation='none' to run code without any isolation"
 )
 
+LimitsMechanism = Literal["cgroup-v1", "cgroup-v2", "rlimit"]
+"""What caps a sandbox's memory and process count: a per-run cgroup (v1 or v2) for the sandbox as a
+whole, or per-process rlimits where no cgroup can be written."""
+
+logger = logging.getLogger(__name__)
+
 _CGROUP_ROOT = Path("/sys/fs/cgroup")
 _CGROUP_PARENT = "alp_agents_sandbox"
 _CGROUP_CONTROLLERS = ("memory", "pids")
+_CGROUP_V2_HOST_LEAF = "alp_agents_host"
+"""The v2 cgroup this process moves into, beside the sandboxes' parent: cgroup v2 lets a cgroup
+hand memory and pids to children only while no process sits in it directly."""
 
 _SCRATCH = "/tmp"
 """Working directory of the program inside the bwrap sandbox: a fresh tmpfs."""
@@ -86,8 +109,9 @@ _ENV = {
 }
 """The whole environment of the sandboxed program (plus HOME, set to its scratch directory)."""
 
-_JOIN_CGROUPS = 'for f in "$1" "$2"; do echo $$ > "$f" || exit 125; done; shift 2; exec "$@"'
-"""Shell wrapper that moves itself into the run's memory and pids cgroups, then execs bwrap."""
+_JOIN_CGROUPS = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@"'
+"""Shell wrapper that moves itself into the run's cgroups (the cgroup.procs files before `--`), then
+execs bwrap."""
 
 # The first Python code run inside the sandbox (trusted: ours). It starts before the model's code
 # is known, waits for it on stdin, sets the per-process limits, and runs it as `__main__` from
@@ -172,9 +196,10 @@ class PythonSandbox:
     once), `max_file_mb` (largest file the program may write), `scratch_mb` (size of its /tmp),
     `pool_size` (sandboxes kept started), `import_paths` (read-only directories added to the
     program's sys.path; default: this interpreter's site-packages, so that installed packages
-    such as sympy and numpy can be imported). The attribute `cgroups` tells whether memory and
-    process limits hold for each sandbox as a whole (per-run cgroups: root and cgroup v1) or only
-    per process (rlimits).
+    such as sympy and numpy can be imported), `require_limits` (True: raise SandboxError where no
+    cgroup can cap memory and processes per sandbox, instead of falling back to per-process
+    rlimits with a warning). `limits_enforced_by` names the mechanism in use, and the attribute
+    `cgroups` tells whether it is a cgroup (limits for each sandbox as a whole).
     """
 
     @validate_call
@@ -190,6 +215,7 @@ class PythonSandbox:
         scratch_mb: Annotated[int, Field(ge=1)] = 64,
         pool_size: Annotated[int, Field(ge=1)] = 2,
         import_paths: Sequence[str] | None = None,
+        require_limits: bool = False,
     ) -> None:
         self.timeout_s = timeout_s
         self.memory_mb = memory_mb
@@ -200,9 +226,15 @@ class PythonSandbox:
         self.scratch_mb = scratch_mb
         self.pool_size = pool_size
         self.import_paths = tuple(_default_import_paths() if import_paths is None else import_paths)
+        self.require_limits = require_limits
         if isolation == "bwrap":
             _check_bwrap()
-        self.cgroups = _cgroups_available()
+        self._limits = _find_limits()
+        if self._limits.mechanism == "rlimit":
+            if require_limits:
+                raise SandboxError(_refusal_message(self._limits.unavailable))
+            _warn_once(_fallback_message(self._limits.unavailable, isolation))
+        self.cgroups = self._limits.mechanism != "rlimit"
         limits = _RunnerLimits(
             cpu_s=math.ceil(timeout_s) + 1,
             file_bytes=max_file_mb << 20,
@@ -215,10 +247,18 @@ class PythonSandbox:
             argv=self._bwrap_argv(python) if isolation == "bwrap" else python,
             private_scratch=isolation == "none",
             cgroup_limits=(memory_mb << 20, max_processes) if self.cgroups else None,
+            cgroup_v2_parent=self._limits.v2_parent,
+            bwrap=isolation == "bwrap",
         )
         self._state = _State.UNOPENED
         self._lock = threading.Lock()
         self._pool: _Pool | None = None
+
+    @property
+    def limits_enforced_by(self) -> LimitsMechanism:
+        """What caps memory and processes: "cgroup-v1" or "cgroup-v2" (a cgroup per run, for the
+        sandbox as a whole), or "rlimit" (RLIMIT_AS per process, RLIMIT_NPROC per uid or user namespace)."""
+        return self._limits.mechanism
 
     def run(self, code: str) -> ExecResult:
         """Run `code` as a Python program in a fresh sandbox and return what it did.
@@ -273,9 +313,10 @@ class PythonSandbox:
         read_only = sorted({os.path.realpath(p) for p in [sys.base_prefix, interpreter_dir, *self.import_paths] if os.path.isdir(p)})
         inside_scratch = [p for p in read_only if p.startswith(_SCRATCH + "/")]  # e.g. a virtualenv under /tmp
         outside_scratch = [p for p in read_only if p not in inside_scratch]
+        privileged = os.geteuid() == 0
         argv = [
             shutil.which("bwrap") or "bwrap",
-            *_NAMESPACES,
+            *_namespaces(privileged),
             "--die-with-parent",
             "--new-session",
             *_root_filesystem(outside_scratch),
@@ -284,12 +325,16 @@ class PythonSandbox:
             "--perms", "1777", "--size", scratch_bytes, "--tmpfs", "/dev/shm",
             "--perms", "1777", "--size", scratch_bytes, "--tmpfs", _SCRATCH,
             *_read_only_binds(inside_scratch, existing=[_SCRATCH]),  # after the tmpfs, which would hide them
+            # Unprivileged, bwrap's own root and /dev tmpfs belong to the sandbox user: without this the
+            # program could fill them (they have no size cap). As root they belong to root already.
+            *(() if privileged else ("--remount-ro", "/", "--remount-ro", "/dev")),
             "--chdir", _SCRATCH,
             "--clearenv",
         ]  # fmt: skip
         for key, value in {**_ENV, "HOME": _SCRATCH}.items():
             argv += ["--setenv", key, value]
-        return [*argv, "--", *_DROP_PRIVILEGES, *python]
+        # Unprivileged, bwrap itself leaves the program as uid 65534 without capabilities.
+        return [*argv, "--", *(_DROP_PRIVILEGES if privileged else ()), *python]
 
 
 # ---------------------------------------------------------------------- the pool and one sandbox
@@ -303,12 +348,19 @@ class _Launch(BaseModel):
     """Make a host temporary directory for the program to work in (isolation="none")."""
     cgroup_limits: tuple[int, int] | None
     """(memory bytes, max processes) of a per-run cgroup, or None when cgroups are unavailable."""
+    cgroup_v2_parent: Path | None
+    """The v2 cgroup under which each run gets its own; None: cgroup v1 (or none)."""
+    bwrap: bool
+    """argv starts bwrap: ask it for its PID namespace's init, so that a run ends only once that is empty."""
 
     def start(self) -> _Sandbox:
         """Start one sandbox; its Python starts up and waits for code on stdin."""
-        cgroup = None if self.cgroup_limits is None else _Cgroup(*self.cgroup_limits)
+        cgroup = self._new_cgroup()
         scratch = tempfile.mkdtemp(prefix="alp-sandbox-") if self.private_scratch else None
-        argv = self.argv if cgroup is None else ["/bin/sh", "-c", _JOIN_CGROUPS, "sh", *cgroup.procs_files, *self.argv]
+        info, info_child = os.pipe() if self.bwrap else (-1, -1)
+        argv = [self.argv[0], "--info-fd", str(info_child), *self.argv[1:]] if self.bwrap else self.argv
+        if cgroup is not None:
+            argv = ["/bin/sh", "-c", _JOIN_CGROUPS, "sh", *cgroup.procs_files, "--", *argv]
         try:
             popen = subprocess.Popen(
                 argv,
@@ -318,14 +370,27 @@ class _Launch(BaseModel):
                 env={**_ENV, "HOME": scratch or _SCRATCH},
                 cwd=scratch or "/",
                 start_new_session=True,
+                pass_fds=(info_child,) if self.bwrap else (),
             )
         except BaseException:
+            if self.bwrap:
+                os.close(info)
             if cgroup is not None:
                 cgroup.remove()
             if scratch is not None:
                 shutil.rmtree(scratch, ignore_errors=True)
             raise
-        return _Sandbox(popen, cgroup, scratch)
+        finally:
+            if self.bwrap:
+                os.close(info_child)  # bwrap holds it now: the report ends when bwrap closes its copy
+        return _Sandbox(popen, cgroup, scratch, info=info if self.bwrap else None)
+
+    def _new_cgroup(self) -> _Cgroup | None:
+        if self.cgroup_limits is None:
+            return None
+        if self.cgroup_v2_parent is None:
+            return _CgroupV1(*self.cgroup_limits)
+        return _CgroupV2(self.cgroup_v2_parent, *self.cgroup_limits)
 
 
 class _Pool:
@@ -398,13 +463,29 @@ class _Pool:
 class _Sandbox:
     """One started sandbox: runs exactly one program, then is destroyed."""
 
-    def __init__(self, popen: subprocess.Popen[bytes], cgroup: _Cgroup | None, scratch: str | None) -> None:
+    def __init__(
+        self, popen: subprocess.Popen[bytes], cgroup: _Cgroup | None, scratch: str | None, *, info: int | None
+    ) -> None:
         self.popen = popen
         self.cgroup = cgroup
         self.scratch = scratch
+        self._info = info
+        """The read end of bwrap's --info-fd, until read (read late, so that starting never waits for bwrap)."""
+        self._init: int | None = None
+        """A pidfd of bwrap's init, PID 1 of the sandbox's PID namespace (None: not bwrap, or it failed to start)."""
+        self._init_lock = threading.Lock()  # close() may kill while the run's own thread destroys
+
+    def _open_init(self) -> int | None:
+        """The init's pidfd; opened while the init is alive for sure (its program waits for code, or is running)."""
+        with self._init_lock:
+            if self._info is not None:
+                self._init = _init_pidfd(self._info)
+                self._info = None
+            return self._init
 
     def execute(self, code: str, *, timeout_s: float, max_output_chars: int) -> ExecResult:
         """Hand `code` over and collect bounded output until the program ends or the deadline."""
+        self._open_init()
         start = time.monotonic()
         # UTF-8 takes at most 4 bytes a character: past this many bytes a stream is surely too long.
         output = _exchange(self.popen, code.encode(), start + timeout_s, 4 * max_output_chars)
@@ -425,6 +506,13 @@ class _Sandbox:
 
     def kill(self) -> None:
         """SIGKILL the process group: bwrap and its init, and with the init its PID namespace."""
+        self._open_init()
+        with self._init_lock:
+            if self._init is not None:
+                try:
+                    signal.pidfd_send_signal(self._init, signal.SIGKILL)  # a pidfd names the init, never a reused pid
+                except ProcessLookupError:
+                    pass
         if self.popen.returncode is not None:
             return  # reaped: its pid may already belong to another process
         try:
@@ -441,10 +529,42 @@ class _Sandbox:
         for pipe in (self.popen.stdin, self.popen.stdout, self.popen.stderr):
             if pipe is not None:
                 pipe.close()
+        if self._init is not None:
+            try:
+                _wait_for_namespace(self._init)
+            finally:
+                with self._init_lock:
+                    os.close(self._init)
+                    self._init = None
         if self.cgroup is not None:
             self.cgroup.remove()
         if self.scratch is not None:
             shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+def _init_pidfd(info: int) -> int | None:
+    """Read bwrap's --info-fd report and open a pidfd of the init it names (None if bwrap failed first)."""
+    with os.fdopen(info, "rb") as report:  # bwrap closes its end once written, early in its start
+        data = report.read()
+    try:
+        return os.pidfd_open(json.loads(data)["child-pid"])
+    except (ValueError, KeyError, ProcessLookupError):  # bwrap died before reporting: the run reports it
+        return None
+
+
+def _wait_for_namespace(init: int, timeout_s: float = 10.0) -> None:
+    """Wait until the killed init (a pidfd) has exited.
+
+    bwrap reports a program's end as soon as the program exits, and its outer process may end
+    before the kernel has killed the rest of the PID namespace; the init's pidfd becomes readable
+    only once the namespace is empty. Without a cgroup to wait on, this is what ends a run cleanly.
+    """
+    with selectors.DefaultSelector() as selector:
+        selector.register(init, selectors.EVENT_READ)
+        if not selector.select(timeout_s):
+            raise SandboxError(
+                f"the sandbox's PID namespace still has processes {timeout_s} s after its init was killed"
+            )
 
 
 class _Output(NamedTuple):
@@ -528,7 +648,10 @@ def _exit_code(returncode: int) -> int:
 
 
 _NAMESPACES = ("--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try", "--unshare-pid", "--unshare-net")
-"""Listed one by one: no user namespace, so that the uid drop below is a drop on the host."""
+"""Listed one by one: as root, no user namespace, so that the uid drop below is a drop on the host."""
+
+_USER_NAMESPACE = ("--unshare-user", "--uid", str(NOBODY), "--gid", str(NOBODY))
+"""Unprivileged bwrap's own user namespace, in which the program is uid and gid 65534."""
 
 _DROP_PRIVILEGES = (
     "/usr/bin/setpriv",
@@ -597,74 +720,74 @@ def _default_import_paths() -> list[str]:
 
 
 @functools.cache
+def _namespaces(privileged: bool) -> tuple[str, ...]:
+    """bwrap's namespace arguments: as root, no user namespace (setpriv drops to uid 65534 on the host);
+    otherwise its own user namespace, in which the program may not create another where bwrap can forbid it."""
+    if privileged:
+        return _NAMESPACES
+    bwrap = shutil.which("bwrap") or "bwrap"
+    usage = subprocess.run([bwrap, "--help"], capture_output=True, text=True, timeout=30).stdout
+    disable = ("--disable-userns",) if "--disable-userns" in usage else ()  # bubblewrap 0.8.0 and later
+    return (*_USER_NAMESPACE, *disable, *_NAMESPACES)
+
+
+@functools.cache
 def _check_bwrap() -> None:
     """Fail with a clear SandboxError unless bwrap can build the sandbox on this machine."""
     bwrap = shutil.which("bwrap")
     if bwrap is None:
         raise SandboxError(f"the Python sandbox needs bubblewrap (`bwrap`), which is not installed: {INSTALL_HINT}")
-    if os.geteuid() != 0:
-        raise SandboxError(
-            "the bwrap sandbox must be started as root, so that the program can be moved to the unprivileged "
-            f"uid {NOBODY} and into its own cgroup; run as root, or pass isolation='none' to run code without isolation"
-        )
-    if not os.path.exists(_DROP_PRIVILEGES[0]):
+    privileged = os.geteuid() == 0
+    if privileged and not os.path.exists(_DROP_PRIVILEGES[0]):
         raise SandboxError(f"{_DROP_PRIVILEGES[0]} is missing: install util-linux (it drops the program's privileges)")
+    drop = _DROP_PRIVILEGES if privileged else ()
     probe = subprocess.run(
-        [bwrap, *_NAMESPACES, "--ro-bind", "/", "/", "--", *_DROP_PRIVILEGES, "/bin/true"],
+        [bwrap, *_namespaces(privileged), "--ro-bind", "/", "/", "--", *drop, "/bin/true"],
         stdin=subprocess.DEVNULL,
         capture_output=True,
         env=_ENV,
         timeout=30,
     )
-    if probe.returncode != 0:
-        message = probe.stderr.decode(errors="replace").strip()
+    if probe.returncode == 0:
+        return
+    message = probe.stderr.decode(errors="replace").strip() or f"exit {probe.returncode}"
+    if privileged:
         raise SandboxError(
-            f"bubblewrap cannot create the sandbox's namespaces here ({message or f'exit {probe.returncode}'}); "
+            f"bubblewrap cannot create the sandbox's namespaces here ({message}); "
             "inside a container, allow namespaces (e.g. docker --privileged or a seccomp/apparmor profile "
             "that permits unshare), or pass isolation='none' to run code without isolation"
         )
+    raise SandboxError(
+        f"bubblewrap cannot create the sandbox's user namespace as uid {os.geteuid()} ({message}): unprivileged "
+        "user namespaces must be allowed (/proc/sys/user/max_user_namespaces above 0; Debian's "
+        "kernel.unprivileged_userns_clone=1; on Ubuntu 23.10+ kernel.apparmor_restrict_unprivileged_userns=0 or "
+        "an AppArmor profile for bwrap; in a container, a seccomp profile that permits unshare); or run as root, "
+        "or pass isolation='none' to run code without isolation"
+    )
 
 
-# ---------------------------------------------------------------------- cgroups (v1)
+# ---------------------------------------------------------------------- cgroups (v1 and v2)
 
 
 _cgroup_names = count()
 
 
-class _Cgroup:
-    """One run's memory and pids cgroups: the limits hold for all its processes together."""
+class _Cgroup(abc.ABC):
+    """One run's cgroup directories: the memory and process limits hold for all its processes together."""
 
-    def __init__(self, memory_bytes: int, max_processes: int) -> None:
-        name = f"{os.getpid()}-{next(_cgroup_names)}"
-        self.dirs = [_CGROUP_ROOT / controller / _CGROUP_PARENT / name for controller in _CGROUP_CONTROLLERS]
-        memory, pids = self.dirs
-        try:
-            for path in self.dirs:
-                path.mkdir()
-            (memory / "memory.limit_in_bytes").write_text(str(memory_bytes))
-            memsw = memory / "memory.memsw.limit_in_bytes"  # present only with swap accounting
-            if memsw.exists():
-                memsw.write_text(str(memory_bytes))
-            (pids / "pids.max").write_text(str(max_processes))
-        except OSError:
-            self.remove()
-            raise
+    dirs: list[Path]
 
     @property
     def procs_files(self) -> list[str]:
         """The files a process writes its pid to in order to join."""
         return [str(path / "cgroup.procs") for path in self.dirs]
 
+    @abc.abstractmethod
     def oom_killed(self) -> bool:
         """True when the kernel's OOM killer killed a process of this cgroup."""
-        for line in (self.dirs[0] / "memory.oom_control").read_text().splitlines():
-            key, _, value = line.partition(" ")
-            if key == "oom_kill":
-                return int(value) > 0
-        return False
 
     def kill_all(self) -> None:
-        """SIGKILL every process still in the cgroup (it cannot fork past pids.max meanwhile)."""
+        """SIGKILL every process still in the cgroup (it cannot fork past its pids limit meanwhile)."""
         for path in self.dirs:
             try:
                 pids = (path / "cgroup.procs").read_text().split()
@@ -690,18 +813,181 @@ class _Cgroup:
                     time.sleep(0.001)
 
 
+class _CgroupV1(_Cgroup):
+    """A run's memory and pids cgroups in the v1 hierarchies."""
+
+    def __init__(self, memory_bytes: int, max_processes: int) -> None:
+        name = f"{os.getpid()}-{next(_cgroup_names)}"
+        self.dirs = [_CGROUP_ROOT / controller / _CGROUP_PARENT / name for controller in _CGROUP_CONTROLLERS]
+        memory, pids = self.dirs
+        try:
+            for path in self.dirs:
+                path.mkdir()
+            (memory / "memory.limit_in_bytes").write_text(str(memory_bytes))
+            memsw = memory / "memory.memsw.limit_in_bytes"  # present only with swap accounting
+            if memsw.exists():
+                memsw.write_text(str(memory_bytes))
+            (pids / "pids.max").write_text(str(max_processes))
+        except OSError:
+            self.remove()
+            raise
+
+    def oom_killed(self) -> bool:
+        return _counter(self.dirs[0] / "memory.oom_control", "oom_kill") > 0
+
+
+class _CgroupV2(_Cgroup):
+    """A run's cgroup in the v2 hierarchy, under `parent` (which hands it memory and pids)."""
+
+    def __init__(self, parent: Path, memory_bytes: int, max_processes: int) -> None:
+        path = parent / f"{os.getpid()}-{next(_cgroup_names)}"
+        self.dirs = [path]
+        try:
+            path.mkdir()
+            (path / "memory.max").write_text(str(memory_bytes))
+            swap = path / "memory.swap.max"  # present only with swap accounting
+            if swap.exists():
+                swap.write_text("0")  # like v1's memsw limit: swap cannot stretch the memory cap
+            (path / "pids.max").write_text(str(max_processes))
+        except OSError:
+            self.remove()
+            raise
+
+    def oom_killed(self) -> bool:
+        return _counter(self.dirs[0] / "memory.events", "oom_kill") > 0
+
+    def kill_all(self) -> None:
+        # cgroup.kill (Linux 5.14+) kills every process at once, forking ones included.
+        try:
+            (self.dirs[0] / "cgroup.kill").write_text("1")
+        except FileNotFoundError:  # an older kernel, or the cgroup is already removed
+            super().kill_all()
+
+
+def _counter(path: Path, key: str) -> int:
+    """The value of `key` in a cgroup file of "key value" lines (0 when absent)."""
+    for line in path.read_text().splitlines():
+        name, _, value = line.partition(" ")
+        if name == key:
+            return int(value)
+    return 0
+
+
+class _Limits(NamedTuple):
+    """How memory and processes are capped in this process (found once)."""
+
+    mechanism: LimitsMechanism
+    v2_parent: Path | None = None
+    """The v2 cgroup under which each run gets its own (cgroup-v2 only)."""
+    unavailable: tuple[str, ...] = ()
+    """Why each kind of cgroup cannot be used (rlimit only)."""
+
+
+class _Unavailable(Exception):
+    """A kind of cgroup cannot be used here; the message says why."""
+
+
 @functools.cache
-def _cgroups_available() -> bool:
-    """True when this process may create v1 memory and pids cgroups (root, cgroup v1 mounted)."""
+def _find_limits() -> _Limits:
+    """cgroup v1 where it works as it always has (root), else cgroup v2, else rlimits."""
+    reasons = []
+    try:
+        _setup_v1()
+        return _Limits("cgroup-v1")
+    except _Unavailable as e:
+        reasons.append(f"cgroup v1: {e}")
+    try:
+        return _Limits("cgroup-v2", v2_parent=_setup_v2())
+    except _Unavailable as e:
+        reasons.append(f"cgroup v2: {e}")
+    return _Limits("rlimit", unavailable=tuple(reasons))
+
+
+def _setup_v1() -> None:
+    """Make the v1 memory and pids parents and a trial run cgroup, or raise _Unavailable saying why."""
+    for controller in _CGROUP_CONTROLLERS:
+        if not (_CGROUP_ROOT / controller / "tasks").exists():  # a file only v1 hierarchies have
+            raise _Unavailable(f"no v1 {controller} hierarchy at {_CGROUP_ROOT / controller}")
     try:
         for controller in _CGROUP_CONTROLLERS:
             parent = _CGROUP_ROOT / controller / _CGROUP_PARENT
             parent.mkdir(exist_ok=True)
             _remove_stale_cgroups(parent)
-        _Cgroup(1 << 30, 1).remove()
-    except OSError:
-        return False
-    return True
+        _CgroupV1(1 << 30, 1).remove()
+    except OSError as e:
+        raise _Unavailable(f"cannot make a cgroup as uid {os.geteuid()} ({e})") from None
+
+
+def _setup_v2() -> Path:
+    """The v2 cgroup to make run cgroups in, set up inside this process's own cgroup.
+
+    This process's cgroup (or, when it already sits in our host leaf, that leaf's parent) must be
+    writable and offer memory and pids. Handing those to children needs the cgroup to hold no
+    process itself, so its processes move into the leaf `alp_agents_host` first; the sandboxes
+    go under `alp_agents_sandbox` beside it. Raises _Unavailable saying why not.
+    """
+    mount = next((m for m in (_CGROUP_ROOT, _CGROUP_ROOT / "unified") if (m / "cgroup.controllers").exists()), None)
+    if mount is None:
+        raise _Unavailable(f"no cgroup2 file system at {_CGROUP_ROOT} or {_CGROUP_ROOT / 'unified'}")
+    lines = Path("/proc/self/cgroup").read_text().splitlines()
+    own = next((line[3:] for line in lines if line.startswith("0::")), None)
+    if own is None:
+        raise _Unavailable("this process is in no v2 cgroup (/proc/self/cgroup has no 0:: line)")
+    base = mount / own.lstrip("/")
+    if base.name == _CGROUP_V2_HOST_LEAF:
+        base = base.parent
+    try:
+        offered = (base / "cgroup.controllers").read_text().split()
+        missing = [c for c in _CGROUP_CONTROLLERS if c not in offered]
+        if missing:
+            plural = "s" if len(missing) > 1 else ""
+            raise _Unavailable(
+                f"{base} does not offer the {' and '.join(missing)} controller{plural} "
+                f"(its cgroup.controllers: {' '.join(offered) or 'none'})"
+            )
+        if not os.access(base, os.W_OK) or not os.access(base / "cgroup.subtree_control", os.W_OK):
+            raise _Unavailable(f"{base} is not writable by uid {os.geteuid()} (not delegated)")
+        _hand_controllers_down(base)
+        parent = base / _CGROUP_PARENT
+        parent.mkdir(exist_ok=True)
+        _enable_controllers(parent)
+        _remove_stale_cgroups(parent)
+        _CgroupV2(parent, 1 << 30, 1).remove()
+    except OSError as e:
+        raise _Unavailable(f"cannot make a cgroup under {base} as uid {os.geteuid()} ({e})") from None
+    return parent
+
+
+def _hand_controllers_down(base: Path, tries: int = 3) -> None:
+    """Enable memory and pids for base's children, moving base's own processes into the leaf if need be."""
+    leaf = base / _CGROUP_V2_HOST_LEAF
+    for attempt in range(tries):
+        try:
+            _enable_controllers(base)
+            return
+        except OSError as e:
+            if e.errno != errno.EBUSY or attempt == tries - 1:
+                busy = f": its processes could not all be moved into {leaf}" if e.errno == errno.EBUSY else ""
+                raise _Unavailable(
+                    f"cannot enable memory and pids for the children of {base} ({e.strerror}){busy}"
+                ) from None
+        # EBUSY: processes sit in base itself (this one among them), which v2 forbids (except in its
+        # root). Move them into the leaf, still inside base, so base's own limits still cover them.
+        leaf.mkdir(exist_ok=True)
+        for pid in (base / "cgroup.procs").read_text().split():
+            try:
+                (leaf / "cgroup.procs").write_text(pid)
+            except OSError:
+                pass  # ended meanwhile, or not ours to move: the next try fails and says so
+
+
+def _enabled(cgroup: Path) -> bool:
+    return set(_CGROUP_CONTROLLERS) <= set((cgroup / "cgroup.subtree_control").read_text().split())
+
+
+def _enable_controllers(cgroup: Path) -> None:
+    if not _enabled(cgroup):
+        (cgroup / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in _CGROUP_CONTROLLERS))
 
 
 def _remove_stale_cgroups(parent: Path) -> None:
@@ -713,3 +999,49 @@ def _remove_stale_cgroups(parent: Path) -> None:
                 child.rmdir()
             except OSError:
                 pass  # still has processes: leave it
+
+
+# ---------------------------------------------------------------------- the fallback, said once
+
+
+_FIX = (
+    "to cap each sandbox as a whole, run as root (cgroup v1 or v2), or start this program in a delegated "
+    "cgroup v2 subtree that offers the memory and pids controllers, e.g. "
+    "`systemd-run --user --scope -p Delegate=yes python ...`"
+)
+
+
+def _refusal_message(unavailable: Sequence[str]) -> str:
+    return (
+        f"PythonSandbox(require_limits=True): no cgroup can cap each sandbox's memory and processes here "
+        f"({'; '.join(unavailable)}); {_FIX}, or pass require_limits=False to fall back to per-process rlimits"
+    )
+
+
+def _fallback_message(unavailable: Sequence[str], isolation: Literal["bwrap", "none"]) -> str:
+    uid = os.geteuid()
+    if isolation == "none" and uid == 0:
+        processes = "not capped at all (RLIMIT_NPROC does not bind root)"
+    elif isolation == "none":
+        processes = f"capped by RLIMIT_NPROC over every process of uid {uid} on this host"
+    elif uid == 0:
+        processes = (
+            f"capped by RLIMIT_NPROC over every process of host uid {NOBODY}, shared by all sandboxes running at once"
+        )
+    else:
+        processes = (
+            "capped by RLIMIT_NPROC per sandbox, in its own user namespace (Linux 5.14+; older kernels "
+            f"count every process of uid {uid})"
+        )
+    return (
+        f"PythonSandbox: no cgroup can cap each sandbox's memory and processes here ({'; '.join(unavailable)}). "
+        "Falling back to rlimits: memory is capped per process (RLIMIT_AS), so a program's processes together "
+        f"may use more; processes are {processes}. {_FIX[0].upper()}{_FIX[1:]}; pass require_limits=True to "
+        "refuse instead of falling back."
+    )
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    """Log `message` as a warning the first time only (many sandboxes share one cause)."""
+    logger.warning(message)

@@ -36,8 +36,9 @@ from typing import Any, Protocol
 
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
+from alp_agents.chat import load_tokenizer
 from alp_agents.engines.base import InferenceEngine
 from alp_agents.engines.factory import start_engine
 from alp_agents.engines.quantize import engine_view, serving_exact_weights
@@ -81,12 +82,13 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, env_factory: Callable[[], Ep
         run.truncate_metrics(after_iteration=state.iteration)
     else:
         run.write_config(cfg)
+    tokenizer = load_tokenizer(model_dir, cfg.model.chat_template)  # before the policy loads: a bad template fails in a second
     if trainer is None:
         engine_copy = partial(engine_view, quantization=cfg.engine.quantize, dtype=cfg.engine.dtype)
         trainer = ALPTrainer(load_policy(model_dir), cfg.trainer, engine_copy=engine_copy)
         if trainer_state is not None:
             trainer.load_state_dict(trainer_state)
-    job = TrainingJob(cfg, run, trainer, AutoTokenizer.from_pretrained(model_dir), env_factory, train_tasks, eval_tasks)
+    job = TrainingJob(cfg, run, trainer, tokenizer, env_factory, train_tasks, eval_tasks)
     return asyncio.run(job.run(state, Path(model_dir), engine, progress))
 
 
@@ -105,7 +107,8 @@ class TrainingJob:
     async def run(self, state: LoopState, model_dir: Path, given_engine: InferenceEngine | None, progress: bool) -> list[dict[str, Any]]:
         cfg, run, trainer = self.cfg, self.run_dir, self.trainer
         self.engine = await start_engine(cfg.engine, model_dir, seed=cfg.schedule.seed, version=state.policy_version,
-                                         weights=trainer.policy_state_dict, running=given_engine)
+                                         context_tokens=cfg.rollout.limits.max_total_tokens, weights=trainer.policy_state_dict,
+                                         running=given_engine)
         k = cfg.schedule.max_staleness
         stop = StopSignals(asyncio.get_running_loop())
         rows: list[dict[str, Any]] = []

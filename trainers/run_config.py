@@ -28,6 +28,9 @@ class ModelSection(Config):
     """Size of the default model when `path` is empty."""
     seed: int = 0
     """Seed of the default model's weights when `path` is empty."""
+    chat_template: str = ""
+    """Chat template in place of the tokenizer's own: a .jinja file's path, or the Jinja text itself; empty keeps
+    the model's. Checked at the start of the run; the checkpoint's tokenizer carries it."""
 
 
 class EnvSection(Config):
@@ -38,11 +41,36 @@ class EnvSection(Config):
     by building one environment."""
 
 
+class FieldsSection(Config):
+    """Which column of a task file or Hub dataset holds each part of a task; the other columns go into the task's metadata."""
+
+    prompt: str = ""
+    """Column of the problem text ("": the first of problem, question, prompt that the rows have)."""
+    answer: str = Field("answer", min_length=1)
+    """Column of the gold answer; an answer ending in `#### 42` (GSM8K's format) is read as 42, its rationale kept as metadata."""
+    id: str = ""
+    """Column of a unique task id ("": `id` if the rows have it, else `<file name>-<row index>`)."""
+    system: str = ""
+    """Column of a per-task system prompt, which replaces the environment's ("": `system` if the rows have it)."""
+    tools: str = ""
+    """Column of the tools a task may use, a list or comma-separated names ("": `tools` if the rows have it; empty: all)."""
+
+
 class DataSection(Config):
-    source: Literal["arithmetic", "jsonl"] = "arithmetic"
-    """'arithmetic': seeded synthetic word problems; 'jsonl': a file with problem/answer/id fields."""
+    source: Literal["arithmetic", "file", "jsonl", "hub", "gsm8k", "math500", "aime24", "aime25", "minerva", "olympiadbench"] = "arithmetic"
+    """'arithmetic': seeded synthetic word problems; 'file' ('jsonl' is its old name): the .jsonl, .json, .csv or .parquet
+    file at data.path; 'hub': the Hugging Face Hub dataset data.path; or a built-in eval set by name (gsm8k, math500, aime24,
+    aime25, minerva, olympiadbench)."""
     path: str = ""
-    """The JSONL file when source = 'jsonl'."""
+    """The task file (source = 'file') or Hub dataset id, e.g. 'openai/gsm8k' (source = 'hub')."""
+    fields: FieldsSection = Field(default_factory=FieldsSection)
+    """Columns of a file or Hub dataset, e.g. {prompt = "question", answer = "final", id = "uid"}."""
+    subset: str = ""
+    """The Hub dataset's subset (its config name, e.g. 'main' for openai/gsm8k; "": its default)."""
+    split: str = "train"
+    """The Hub dataset's split; a slice such as 'test[:100]' works too."""
+    limit: int = Field(0, ge=0)
+    """Read only the first this many tasks of a file, Hub split or built-in set (0: all of them)."""
     difficulty: int = Field(2, ge=1, le=3)
     """Difficulty of synthetic problems (1: numbers under 100; 2: 3-digit x 2-digit; 3: larger)."""
     train_size: int = Field(2000, ge=1)
@@ -120,4 +148,12 @@ class TrainConfig(Config):
             raise ValueError(f"trainer.temperature={self.trainer.temperature} differs from rollout.sampling.temperature={sampled}; "
                              "leave trainer.temperature unset, it follows the sampling temperature")
         self.trainer.temperature = sampled
+        return self
+
+    @model_validator(mode="after")
+    def _episodes_fit_the_engine(self) -> TrainConfig:
+        """An in-process engine must hold the longest episode (servers are checked when the run connects to them)."""
+        if not self.engine.servers and self.rollout.limits.max_total_tokens > self.engine.max_model_len:
+            raise ValueError(f"rollout.limits.max_total_tokens = {self.rollout.limits.max_total_tokens} exceeds engine.max_model_len = "
+                             f"{self.engine.max_model_len}: raise engine.max_model_len or lower rollout.limits.max_total_tokens")
         return self

@@ -33,19 +33,25 @@ detected: such requests end at `timeout_s`.
 
 Weight updates need the servers' dev endpoints (`VLLM_SERVER_DEV_MODE=1`) and the worker extension
 (`--worker-extension-cls`, set by start_vllm_server): the trainer writes a safetensors file to
-`weights_dir`, which every server must be able to read (/dev/shm on one machine, a shared filesystem
-across machines), then asks each server in rotation to load it, to reset its prefix cache, and to
-label its weights with the version (vLLM's `/update_weight_version`). The file is kept until the next
-update (one model's worth of `weights_dir` space) so that a server that rejoins can load it; a server's
-label says whether it needs to.
+`weights_dir` (/dev/shm by default), then asks each server in rotation to load it, to reset its prefix
+cache, and to label its weights with the version (vLLM's `/update_weight_version`), and reads the label
+back (`/weight_info`): a version is checked, not assumed. How the file reaches a server is the
+`weights_transport`:
+- "file": the server reads it where the trainer wrote it, so `weights_dir` must be a directory every
+  server can read (/dev/shm on one machine, a shared filesystem across machines);
+- "http": the file is streamed to each server (`PUT /alp/weights/<name>`, the upload middleware of
+  `weight_upload`, which start_vllm_server adds), loaded from the server's own /dev/shm and deleted:
+  no shared filesystem needed.
+The file is kept until the next update (one model's worth of `weights_dir` space) so that a server that
+rejoins can load it; a server's label says whether it needs to.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from contextlib import ExitStack, asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Self, TypeVar
@@ -55,6 +61,8 @@ import httpx
 from alp_agents.engines.base import ClosesOnExit, EngineThread, Generation, NamedTensors, SamplingConfig, WeightVersionGate, checked_prompt
 from alp_agents.engines.vllm_setup import sampling_arguments
 from alp_agents.engines.weight_sync import LOAD_METHOD, raise_for_load_reports, weights_file
+from alp_agents.engines.weight_upload import MIDDLEWARE as UPLOAD_MIDDLEWARE
+from alp_agents.engines.weight_upload import ROUTE as UPLOAD_ROUTE
 from alp_agents.errors import AlpError, ConfigError, EngineError, EngineTimeout, EngineUnavailable
 
 logger = logging.getLogger(__name__)
@@ -62,11 +70,13 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 ServerApi = Literal["generate", "completions"]
 ServerState = Literal["unchecked", "joining", "up", "down"]
+WeightsTransport = Literal["file", "http"]
 
 START_HINT = (
     "start one with alp_agents.engines.start_vllm_server(MODEL_DIR), or with "
     "`VLLM_SERVER_DEV_MODE=1 python -m vllm.entrypoints.openai.api_server --model MODEL_DIR --enable-scale-out "
-    "--logprobs-mode processed_logprobs --worker-extension-cls alp_agents.engines.weight_sync.WeightSyncExtension`"
+    "--logprobs-mode processed_logprobs --worker-extension-cls alp_agents.engines.weight_sync.WeightSyncExtension "
+    "--middleware alp_agents.engines.weight_upload.WeightUploadMiddleware`, or `alp serve MODEL_DIR`"
 )
 DEV_ENDPOINTS = ("/collective_rpc", "/reset_prefix_cache", "/update_weight_version", "/weight_info")
 """Routes a server offers only with VLLM_SERVER_DEV_MODE=1; weight updates need them."""
@@ -140,6 +150,7 @@ class OpenAIServerEngine(ClosesOnExit):
         health_timeout_s: float = 5.0,
         health_interval_s: float = 2.0,
         weights_dir: str | Path | None = None,
+        weights_transport: WeightsTransport = "file",
         version: int = 0,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
@@ -163,7 +174,9 @@ class OpenAIServerEngine(ClosesOnExit):
         self.health_interval_s = health_interval_s
         """Seconds between two rounds of /health checks of every server (in rotation or not)."""
         self.weights_dir = Path(weights_dir) if weights_dir is not None else None
-        """Where update_weights writes its file; every server must be able to read it (None: /dev/shm)."""
+        """Where update_weights writes its file (None: /dev/shm); with the file transport every server must read it."""
+        self.weights_transport = weights_transport
+        """'file': servers read the file where the trainer wrote it; 'http': the file is uploaded to each server."""
         self._gate = WeightVersionGate(version)
         self._weights: _PushedWeights | None = None
         self._pushing = asyncio.Lock()  # a push and a rejoin never interleave: a rejoining server must not miss a push
@@ -201,6 +214,10 @@ class OpenAIServerEngine(ClosesOnExit):
             await self.close()
             raise
         return self
+
+    async def max_model_lens(self) -> dict[str, int | None]:
+        """Each live server's longest sequence (its --max-model-len, from /v1/models; None if it does not say)."""
+        return await self._thread.run(self._max_model_lens())
 
     async def generate(self, prompt_token_ids: list[int], sampling: SamplingConfig) -> Generation:
         """Sample a continuation of `prompt_token_ids` on the least busy server (see InferenceEngine.generate)."""
@@ -243,6 +260,16 @@ class OpenAIServerEngine(ClosesOnExit):
                 url, body = await self._post("/v1/completions", request)
         return _generation(body, self.api, url, version)
 
+    async def _max_model_lens(self) -> dict[str, int | None]:
+        lengths: dict[str, int | None] = {}
+        for server in await self._live_servers():
+            with map_httpx_exceptions(f"GET {server.url}/v1/models"):
+                response = await self._client.get(f"{server.url}/v1/models", timeout=self.health_timeout_s)
+            _raise_for_status(response, "/v1/models")
+            models = _json_body(response).get("data") or [{}]
+            lengths[server.url] = models[0].get("max_model_len")
+        return lengths
+
     async def _load_weights(self, weights: _PushedWeights) -> None:
         await self._live_servers()  # none left: fail before waiting for generations to drain
         async with self._gate.update(weights.version), self._pushing:
@@ -258,9 +285,15 @@ class OpenAIServerEngine(ClosesOnExit):
             previous.files.close()
 
     async def _push(self, server: _Server, weights: _PushedWeights) -> None:
-        """Load `weights` into `server`, reset its prefix cache (KV of the old weights) and label its weights; _ServerLost if it goes down."""
-        _, loaded = await self._post("/collective_rpc", {"method": LOAD_METHOD, "args": [str(weights.path)]}, server=server)
-        raise_for_load_reports(loaded.get("results", [None]), server.url)
+        """Load `weights` into `server`, reset its prefix cache (KV of the old weights) and label its weights; _ServerLost if it goes down.
+
+        The label is read back: a server that does not report the version just pushed fails the push.
+        """
+        if self.weights_transport == "http":
+            async with self._uploaded(server, weights.path) as path:
+                await self._load_file(server, path)
+        else:
+            await self._load_file(server, str(weights.path))
         _, reset = await self._post("/reset_prefix_cache", {}, server=server)
         if not reset.get("success"):
             raise EngineError(
@@ -268,7 +301,25 @@ class OpenAIServerEngine(ClosesOnExit):
                 "hold cached blocks); its cache may serve KV of the old weights until they finish"
             )
         await self._post("/update_weight_version", {"new_version": weights.label}, server=server)
+        if (held := await self._weight_label(server)) != weights.label:
+            raise EngineError(f"{server.url} reports weights version {held!r} right after loading {weights.label!r}: another "
+                              "client is pushing weights to it; give each run its own servers")
         server.version = weights.version
+
+    async def _load_file(self, server: _Server, path: str) -> None:
+        _, loaded = await self._post("/collective_rpc", {"method": LOAD_METHOD, "args": [path]}, server=server)
+        raise_for_load_reports(loaded.get("results", [None]), server.url)
+
+    @asynccontextmanager
+    async def _uploaded(self, server: _Server, local: Path) -> AsyncIterator[str]:
+        """Upload the weights file to `server` and yield its path there; the server deletes it afterwards."""
+        route = f"{UPLOAD_ROUTE}{local.name}"
+        body = await self._request_checked(server, "PUT", route, content=_file_chunks(local))
+        try:
+            yield str(body["path"])
+        finally:
+            with suppress(EngineError, _ServerLost):  # a server that went away took its /dev/shm file with it
+                await self._request_checked(server, "DELETE", route)
 
     async def _post(self, path: str, payload: dict[str, Any], server: _Server | None = None) -> tuple[str, dict[str, Any]]:
         """POST to `server`, or to the least busy server in rotation; returns (server URL, JSON body).
@@ -280,7 +331,7 @@ class OpenAIServerEngine(ClosesOnExit):
         while True:
             target = server or min(await self._live_servers(), key=lambda candidate: candidate.in_flight)
             try:
-                return target.url, await self._post_checked(target, path, payload)
+                return target.url, await self._request_checked(target, "POST", path, json=payload)
             except _ServerLost:
                 if server is not None:
                     raise
@@ -290,10 +341,10 @@ class OpenAIServerEngine(ClosesOnExit):
                     raise _gave_up(error, failed_on) from error
                 await asyncio.sleep(self.backoff_s * 2 ** (len(failed_on) - 1))
 
-    async def _post_checked(self, server: _Server, path: str, payload: dict[str, Any]) -> dict[str, Any]:
-        """One POST; if it fails with a connection error, a 5xx or a timeout, ask /health whether the server is still there."""
+    async def _request_checked(self, server: _Server, method: str, path: str, **request: Any) -> dict[str, Any]:
+        """One request; if it fails with a connection error, a 5xx or a timeout, ask /health whether the server is still there."""
         try:
-            return await self._post_once(server, path, payload)
+            return await self._request_once(server, method, path, **request)
         except (EngineUnavailable, EngineTimeout) as error:
             server.failures += 1
             if (problem := await self._probe(server)) is None:
@@ -301,11 +352,11 @@ class OpenAIServerEngine(ClosesOnExit):
             self._take_out(server, problem)
             raise _ServerLost(server.url) from error
 
-    async def _post_once(self, server: _Server, path: str, payload: dict[str, Any]) -> dict[str, Any]:
+    async def _request_once(self, server: _Server, method: str, path: str, **request: Any) -> dict[str, Any]:
         server.in_flight += 1
         try:
-            with map_httpx_exceptions(f"POST {server.url}{path}"):
-                response = await _unless_lost(server, self._client.post(f"{server.url}{path}", json=payload))
+            with map_httpx_exceptions(f"{method} {server.url}{path}"):
+                response = await _unless_lost(server, self._client.request(method, f"{server.url}{path}", **request))
             _raise_for_status(response, path)
             return _json_body(response)
         finally:
@@ -443,6 +494,13 @@ def _server_root(url: str) -> str:
     return url.removesuffix("/v1")
 
 
+async def _file_chunks(path: Path, chunk_bytes: int = 8 << 20) -> AsyncIterator[bytes]:
+    """The file's bytes in chunks, for a streamed request body (a model does not fit in one)."""
+    with open(path, "rb") as file:
+        while chunk := file.read(chunk_bytes):
+            yield chunk
+
+
 def _raise_for_status(response: httpx.Response, path: str) -> None:
     if response.is_success:
         return
@@ -453,6 +511,9 @@ def _raise_for_status(response: httpx.Response, path: str) -> None:
         raise EngineError(f"{what}\nThe server was started without --enable-scale-out: restart it with it, or use api='completions'.")
     if path in DEV_ENDPOINTS and response.status_code == 404:
         raise EngineError(f"{what}\nWeight updates need the server's dev endpoints: {START_HINT}")
+    if path.startswith(UPLOAD_ROUTE) and response.status_code == 404:
+        raise EngineError(f"{what}\nWeights over HTTP need the upload middleware in the server: add `--middleware {UPLOAD_MIDDLEWARE}` "
+                          "(start_vllm_server and `alp serve` do), or use engine.weights_transport = 'file' with a shared directory")
     raise EngineError(what)
 
 

@@ -6,7 +6,8 @@
 The server is `python -m vllm.entrypoints.openai.api_server` (the `vllm serve` console script
 of the CPU wheel is broken) with the same engine arguments as VLLMEngine, plus what RL needs:
 `--enable-scale-out` for the token-in/token-out `/inference/v1/generate` route, and
-`VLLM_SERVER_DEV_MODE=1` for `/collective_rpc` and `/reset_prefix_cache` (weight updates). Dev
+`VLLM_SERVER_DEV_MODE=1` for `/collective_rpc` and `/reset_prefix_cache` (weight updates), and the
+upload middleware of `weight_upload` (weights over HTTP, for servers that share no directory). Dev
 mode lets any client load files into the model, so the server listens on 127.0.0.1 unless told
 otherwise. It runs in its own process group: `close()` ends the API server and its EngineCore
 and worker processes together, and an unclosed server is closed when Python exits.
@@ -14,6 +15,7 @@ and worker processes together, and an unclosed server is closed when Python exit
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -28,7 +30,8 @@ from typing import TYPE_CHECKING, Any, Self
 
 import httpx
 
-from alp_agents.engines.vllm_setup import configure_vllm_environment, engine_arguments
+from alp_agents.engines.vllm_setup import VLLMSettings, configure_vllm_environment, engine_arguments
+from alp_agents.engines.weight_upload import MIDDLEWARE as UPLOAD_MIDDLEWARE
 from alp_agents.errors import EngineUnavailable, ModelError
 
 if TYPE_CHECKING:
@@ -69,29 +72,32 @@ def start_vllm_server(
     port: int | None = None,
     host: str = "127.0.0.1",
     seed: int = 0,
-    dtype: str | None = None,
-    max_model_len: int = 4096,
+    settings: VLLMSettings | None = None,
     extra_args: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
+    launcher: Sequence[str] = (),
     startup_timeout_s: float = 180.0,
 ) -> VLLMServer:
     """Start a vLLM server on `model_dir` and return once `/health` answers 200.
 
-    `port=None` picks a free port. `extra_args` go to the server's command line as they are,
-    `env` is added to its environment. Raises EngineUnavailable (with the log's tail) if the
-    server exits or is not healthy within `startup_timeout_s`.
+    `port=None` picks a free port. `settings` are the engine's (dtype, context length, ...) as for
+    VLLMEngine. `extra_args` go to the server's command line as they are, `env` is added to its
+    environment, and `launcher` is put in front of the command (e.g. `["srun", "--nodes=1"]`, or a
+    `bwrap ...` that gives the server its own mount namespace). Raises EngineUnavailable (with the
+    log's tail) if the server exits or is not healthy within `startup_timeout_s`.
     """
     if not (Path(model_dir) / "config.json").is_file():
         raise ModelError(f"{model_dir} is not a model directory (no config.json); build one with `alp init-model`")
     port = port or _free_port(host)
     configure_vllm_environment()
-    arguments = engine_arguments(str(model_dir), seed=seed, dtype=dtype, max_model_len=max_model_len)
+    arguments = engine_arguments(str(model_dir), seed=seed, settings=settings)
     command = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        *launcher, sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         *_command_line_flags(arguments),
         "--host", host, "--port", str(port),
         "--enable-scale-out",  # /inference/v1/generate: token ids in, token ids and log-probs out
         "--disable-uvicorn-access-log",
+        "--middleware", UPLOAD_MIDDLEWARE,  # PUT /alp/weights/...: weights over HTTP (engine.weights_transport = "http")
         *extra_args,
     ]  # fmt: skip
     log_fd, log_name = tempfile.mkstemp(prefix=f"vllm-server-{port}-", suffix=".log")
@@ -161,6 +167,8 @@ def _command_line_flags(arguments: Mapping[str, Any]) -> list[str]:
             flags.append(f"--{flag}")
         elif value is False:
             flags.append(f"--no-{flag}")
+        elif isinstance(value, dict | list):
+            flags += [f"--{flag}", json.dumps(value)]
         else:
             flags += [f"--{flag}", str(value)]
     return flags

@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from alp_agents.engines.base import ClosesOnExit, EngineThread, Generation, NamedTensors, SamplingConfig, checked_prompt
-from alp_agents.engines.vllm_setup import configure_vllm_environment, engine_arguments, sampling_arguments
+from alp_agents.engines.vllm_setup import VLLMSettings, configure_vllm_environment, engine_arguments, sampling_arguments
 from alp_agents.engines.weight_sync import LOAD_METHOD, raise_for_load_reports, weights_file
 from alp_agents.errors import EngineError, EngineTimeout, EngineUnavailable, ModelError
 from alp_agents.reaper import reap_children_on_exit
@@ -92,19 +92,21 @@ class VLLMEngine(ClosesOnExit):
         model_dir: str | Path,
         *,
         seed: int = 0,
-        dtype: str | None = None,
-        max_model_len: int = 4096,
+        settings: VLLMSettings | None = None,
         request_timeout_s: float | None = None,
         weights_timeout_s: float = 600.0,
         weights_dir: str | Path | None = None,
         version: int = 0,
     ) -> Self:
-        """Start vLLM on `model_dir` (20-40 s on a CPU) and return the engine; `version` names the initial weights."""
+        """Start vLLM on `model_dir` (20-40 s on a CPU) and return the engine; `version` names the initial weights.
+
+        `settings`: dtype, context length, GPU memory share, tensor parallelism and other vLLM engine arguments.
+        """
         if not (Path(model_dir) / "config.json").is_file():
             raise ModelError(f"{model_dir} is not a model directory (no config.json); build one with `alp init-model`")
         configure_vllm_environment()
         reap_children_on_exit()
-        arguments = engine_arguments(str(model_dir), seed=seed, dtype=dtype, max_model_len=max_model_len)
+        arguments = engine_arguments(str(model_dir), seed=seed, settings=settings)
         thread = EngineThread(name=f"VLLMEngine({model_dir})")
         try:
             llm = await thread.run(_start_async_llm(arguments))

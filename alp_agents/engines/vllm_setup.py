@@ -9,13 +9,63 @@ ignores temperature and top-p: at temperature 0.7 it is off by up to 2.3 nats.)
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import functools
 import os
 from typing import Any
 
 import torch
+from pydantic import Field, field_validator
 
+from alp_agents.config import Config
 from alp_agents.engines.base import SamplingConfig
 from alp_agents.engines.weight_sync import WORKER_EXTENSION
+
+FIXED = "the loss and the weight updates rely on its value"
+OWN_ARGUMENTS = {
+    "model": "use model.path (or --model)", "seed": "it follows the run's seed", "dtype": "use engine.dtype",
+    "max_model_len": "use engine.max_model_len", "gpu_memory_utilization": "use engine.gpu_memory_utilization",
+    "tensor_parallel_size": "use engine.tensor_parallel_size", "logprobs_mode": FIXED, "worker_extension_cls": FIXED,
+}  # fmt: skip
+"""vLLM engine arguments this project sets itself -> what to do instead of passing them in vllm_args."""
+
+
+class VLLMSettings(Config):
+    """The vLLM engine arguments a user may set; every engine this project starts gets them the same way."""
+
+    dtype: str | None = None
+    """Engine dtype ('float32' on CPU by default, the model's on GPU); 'bfloat16' adds a real train/inference mismatch."""
+    max_model_len: int = Field(4096, ge=16)
+    """Longest sequence (prompt + generation) the engine serves; rollout.limits.max_total_tokens must fit in it."""
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    """Share of the GPU's memory vLLM may take (weights + KV cache); the rest is the trainer's when both share a GPU."""
+    tensor_parallel_size: int = Field(1, ge=1)
+    """GPUs one engine shards the model over."""
+    vllm_args: dict[str, Any] = Field(default_factory=dict)
+    """Any other vLLM engine argument, by its name in vllm.engine.arg_utils.EngineArgs (e.g. {enable_prefix_caching =
+    true, max_num_seqs = 128}); the names are checked at load."""
+
+    @field_validator("vllm_args")
+    @classmethod
+    def _known_engine_arguments(cls, arguments: dict[str, Any]) -> dict[str, Any]:
+        for name in arguments:
+            if name in OWN_ARGUMENTS:
+                raise ValueError(f"{name!r} is set by alp itself: {OWN_ARGUMENTS[name]}")
+        known = _vllm_engine_argument_names() if arguments else frozenset()
+        for name in arguments:
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                raise ValueError(f"{name!r} is not a vLLM engine argument" + (f" (did you mean {close[0]!r}?)" if close else "")
+                                 + "; the names are those of `python -m vllm.entrypoints.openai.api_server --help`, with _ for -")
+        return arguments
+
+
+@functools.cache
+def _vllm_engine_argument_names() -> frozenset[str]:
+    from vllm.engine.arg_utils import AsyncEngineArgs  # 5 s to import: only when vllm_args is used
+
+    return frozenset(field.name for field in dataclasses.fields(AsyncEngineArgs))
 
 
 def configure_vllm_environment() -> None:
@@ -25,26 +75,28 @@ def configure_vllm_environment() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def engine_arguments(model_dir: str, *, seed: int = 0, dtype: str | None = None, max_model_len: int = 4096) -> dict[str, Any]:
+def engine_arguments(model_dir: str, *, seed: int = 0, settings: VLLMSettings | None = None) -> dict[str, Any]:
     """Keyword arguments for vllm.LLM / AsyncEngineArgs, identical for every engine we start."""
+    settings = settings or VLLMSettings()
     on_gpu = torch.cuda.is_available()
     arguments: dict[str, Any] = dict(
         model=str(model_dir),
-        dtype=dtype or ("auto" if on_gpu else "float32"),
+        dtype=settings.dtype or ("auto" if on_gpu else "float32"),
         enforce_eager=not on_gpu,
         seed=seed,
-        max_model_len=max_model_len,
+        max_model_len=settings.max_model_len,
+        tensor_parallel_size=settings.tensor_parallel_size,
         logprobs_mode="processed_logprobs",
         worker_extension_cls=WORKER_EXTENSION,  # lets update_weights load new weights into the live model
     )
     if on_gpu:
-        arguments["gpu_memory_utilization"] = 0.5  # leave the other half to the trainer on the same GPU
+        arguments["gpu_memory_utilization"] = settings.gpu_memory_utilization  # the rest is the trainer's on a shared GPU
     else:
         # A request with its own seed crashes the CPU model runner when its prompt is prefilled in
         # chunks ("CPU Generator does not use offset"); without chunking every prompt must fit in one step.
         arguments["enable_chunked_prefill"] = False
-        arguments["max_num_batched_tokens"] = max(max_model_len, 4096)
-    return arguments
+        arguments["max_num_batched_tokens"] = max(settings.max_model_len, 4096)
+    return arguments | settings.vllm_args
 
 
 def sampling_arguments(sampling: SamplingConfig) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import tempfile
 import uuid
 from collections.abc import Iterator, Mapping
@@ -57,6 +58,10 @@ class WeightSyncExtension:
         from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
         from vllm.platforms import current_platform
 
+        if not os.path.isfile(path):
+            return {"error": f"{path} does not exist on {socket.gethostname()}: the trainer wrote it to a directory this server "
+                             "cannot see; set engine.weights_dir to a directory every server can read, or use "
+                             "engine.weights_transport = 'http'"}
         worker: Any = self
         model = worker.model_runner.model
         tied = bool(getattr(model.config, "tie_word_embeddings", False))
