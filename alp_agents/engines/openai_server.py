@@ -76,7 +76,7 @@ START_HINT = (
     "start one with alp_agents.engines.start_vllm_server(MODEL_DIR), or with "
     "`VLLM_SERVER_DEV_MODE=1 python -m vllm.entrypoints.openai.api_server --model MODEL_DIR --enable-scale-out "
     "--logprobs-mode processed_logprobs --worker-extension-cls alp_agents.engines.weight_sync.WeightSyncExtension "
-    "--middleware alp_agents.engines.weight_upload.WeightUploadMiddleware`, or `alp serve MODEL_DIR`"
+    "--middleware alp_agents.engines.weight_upload.WeightUploadMiddleware`, or `alp serve --model MODEL_DIR`"
 )
 DEV_ENDPOINTS = ("/collective_rpc", "/reset_prefix_cache", "/update_weight_version", "/weight_info")
 """Routes a server offers only with VLLM_SERVER_DEV_MODE=1; weight updates need them."""
