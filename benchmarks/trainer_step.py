@@ -1,4 +1,4 @@
-"""Cost of ALP over a plain update, and memory of chunked log-probs over full logits.
+"""Cost of ALP over a plain update, memory of chunked log-probs over full logits, and bf16/fp16/LoRA against float32.
 
 (a) ALP step time / Bypass step time on the same batch (goal <= 1.03): the embedded small model
     (alp_agents.tiny, size="small"), 16 episodes of 192 tokens, 4 updates of 4 episodes per step,
@@ -11,6 +11,11 @@
     the peak resident memory the measured forward/backward added (large tensors are mmap'ed and
     returned to the OS when freed, so RSS follows the live tensors). On a GPU it is the rise of
     torch.cuda.max_memory_allocated over the memory allocated before the measured pass.
+(c) Precision and LoRA on the same batch and rounds as (a), ALP each time: bfloat16 and float16 compute (autocast,
+    float32 master weights) and LoRA (rank 16 on every projection, float32) against the float32 full fine-tuning
+    step, as step-time ratios (float16 on a CPU: one round, see below); and the peak memory of each (load the model, build the trainer, two steps), in a
+    fresh child process on a CPU (VmHWM - VmRSS after the imports: weights, gradients, AdamW moments, activations;
+    glibc is set to give back every freed block over 128 KiB), or as the rise of torch.cuda.max_memory_allocated.
 
     .venv/bin/python benchmarks/trainer_step.py [--device cuda]   # one JSON object on the last line
 """
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -30,10 +36,20 @@ from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from alp_agents.tiny import build_tiny_model
 from alp_agents.trainers import ALPTrainer, TrainerConfig, token_logprobs, token_logprobs_naive
+from alp_agents.trainers.trainer import LoRAConfig
 from alp_agents.trajectory import Trajectory
 
 EPISODES, TOKENS, PROMPT = 16, 192, 32
 ROUNDS = 7
+STEP_CONFIG = dict(lr=1e-5, micro_batch_size=4, updates_per_batch=4)
+VARIANTS: dict[str, dict[str, object]] = {
+    # name: TrainerConfig overrides; "alp" is the float32 full fine-tuning baseline of every ratio in (c)
+    "alp": dict(algo="alp"),
+    "bypass": dict(algo="bypass"),
+    "bf16": dict(algo="alp", dtype="bfloat16"),
+    "fp16": dict(algo="alp", dtype="float16"),
+    "lora": dict(algo="alp", lora=LoRAConfig(rank=16, alpha=32.0)),
+}
 VOCAB, MEMORY_BATCH, MEMORY_TOKENS, CHUNK = 151_936, 2, 512, 128
 
 
@@ -61,23 +77,72 @@ def step_times(device: str) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_tiny_model(Path(tmp) / "small", seed=0, size="small")
         trainers = {
-            algo: ALPTrainer(
-                AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device),
-                TrainerConfig(algo=algo, lr=1e-5, micro_batch_size=4, updates_per_batch=4),
+            name: ALPTrainer(
+                AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device), TrainerConfig(**STEP_CONFIG, **overrides)
             )
-            for algo in ("alp", "bypass")
+            for name, overrides in VARIANTS.items()
         }
     batch = episodes(trainers["alp"].model.config.vocab_size)
     for trainer in trainers.values():  # burn-in (and ALP's sigma calibration)
         trainer.step(batch)
-    seconds: dict[str, list[float]] = {"alp": [], "bypass": []}
-    for _ in range(ROUNDS):
-        for algo, trainer in trainers.items():
+    seconds: dict[str, list[float]] = {name: [] for name in trainers}
+    for round_ in range(ROUNDS):
+        for name, trainer in trainers.items():
+            if name == "fp16" and device == "cpu" and round_ > 0:
+                continue  # ~27x float32 on a CPU without float16 matmul kernels: one round shows it, seven cost minutes
             start = time.perf_counter()
             trainer.step(batch)  # returns floats: the step has finished on the device too
-            seconds[algo].append(time.perf_counter() - start)
-    alp, bypass = min(seconds["alp"]), min(seconds["bypass"])
-    return {"alp_step_s": alp, "bypass_step_s": bypass, "alp_over_bypass": alp / bypass}
+            seconds[name].append(time.perf_counter() - start)
+    fastest = {name: min(times) for name, times in seconds.items()}
+    figures = {"alp_step_s": fastest["alp"], "bypass_step_s": fastest["bypass"], "alp_over_bypass": fastest["alp"] / fastest["bypass"]}
+    for name in ("bf16", "fp16", "lora"):
+        figures[f"{name}_step_s"] = fastest[name]
+        figures[f"{name}_over_fp32_step"] = fastest[name] / fastest["alp"]
+    return figures
+
+
+def measure_step_memory(variant: str, model_dir: Path, device: str) -> dict[str, float]:
+    """Peak MiB of loading `variant`'s trainer from `model_dir` and running two steps (weights, moments, activations)."""
+    if device == "cpu":
+        Path("/proc/self/clear_refs").write_text("5")
+        baseline = _status_kib("VmRSS")
+    else:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated() // 1024
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
+    trainer = ALPTrainer(model, TrainerConfig(**STEP_CONFIG, **VARIANTS[variant]))
+    batch = episodes(model.config.vocab_size)
+    for _ in range(2):  # the second step runs with AdamW's moments allocated
+        trainer.step(batch)
+    peak = _status_kib("VmHWM") if device == "cpu" else torch.cuda.max_memory_allocated() // 1024
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    del trainer, model
+    return {"peak_mib": (peak - baseline) / 1024, "trainable_parameters": float(trainable)}
+
+
+def step_memory(device: str) -> dict[str, float]:
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = build_tiny_model(Path(tmp) / "small", seed=0, size="small")  # built here: its tokenizer training is no step
+        for variant in ("alp", "bf16", "fp16", "lora"):
+            if device == "cpu":  # a fresh process each, so that one variant's peak cannot hide the other's
+                command = [sys.executable, __file__, "--step-memory", variant, "--model-dir", str(model_dir)]
+                # A fixed mmap threshold (which also turns off glibc's dynamic one) returns every freed block over
+                # 128 KiB to the OS, so RSS follows the live tensors; with the default, freed activations stay in the
+                # heap and hide the gradients and AdamW moments that LoRA saves.
+                env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+                out = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
+                results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+            else:
+                results[variant] = measure_step_memory(variant, model_dir, device)
+                torch.cuda.empty_cache()
+    figures = {"fp32_step_peak_mib": results["alp"]["peak_mib"]}
+    for name in ("bf16", "fp16", "lora"):
+        figures[f"{name}_step_peak_mib"] = results[name]["peak_mib"]
+        figures[f"{name}_over_fp32_memory"] = results[name]["peak_mib"] / results["alp"]["peak_mib"]
+    figures["lora_trainable_fraction"] = results["lora"]["trainable_parameters"] / results["alp"]["trainable_parameters"]
+    return figures
 
 
 def measure_memory(variant: str, device: str) -> dict[str, float]:
@@ -144,18 +209,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--memory", choices=["chunked", "naive"], help=argparse.SUPPRESS)  # the CPU child process
+    parser.add_argument("--step-memory", choices=list(VARIANTS), help=argparse.SUPPRESS)  # the CPU child process of (c)
+    parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)  # its model
     args = parser.parse_args()
     if args.memory:
         print(json.dumps(measure_memory(args.memory, "cpu")))
         return
+    if args.step_memory:
+        print(json.dumps(measure_step_memory(args.step_memory, args.model_dir, "cpu")))
+        return
     figures: dict[str, object] = {"device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu x{torch.get_num_threads()} threads"}
     figures.update(step_times(args.device))
-    print(f"step: alp {figures['alp_step_s']:.3f}s, bypass {figures['bypass_step_s']:.3f}s", file=sys.stderr)
+    print(f"step: alp {figures['alp_step_s']:.3f}s, bypass {figures['bypass_step_s']:.3f}s, bf16 {figures['bf16_step_s']:.3f}s, "
+          f"fp16 {figures['fp16_step_s']:.3f}s, lora {figures['lora_step_s']:.3f}s", file=sys.stderr)
+    figures.update(step_memory(args.device))
     figures.update(logprob_memory(args.device))
     figures.update(
         goal_alp_over_bypass=1.03,
         goal_chunked_over_naive_memory=0.25,
         step_batch=f"{EPISODES} episodes x {TOKENS} tokens, small model, 4 updates x 4 episodes, fastest of {ROUNDS}",
+        precision_baseline="alp, float32, full fine-tuning (alp_step_s, fp32_step_peak_mib); lora: rank 16 on every projection",
         memory_batch=f"{MEMORY_BATCH} x {MEMORY_TOKENS} tokens, vocabulary {VOCAB}, chunk {CHUNK}",
     )
     print(json.dumps(figures))

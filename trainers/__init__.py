@@ -10,13 +10,14 @@ from alp_agents.trainers.batching import Batch, collate
 from alp_agents.trainers.logprobs import token_logprobs, token_logprobs_naive
 from alp_agents.trainers.losses import LossDiagnostics, PolicyLossConfig, importance_weights, k3_kl, policy_loss
 from alp_agents.trainers.perturbation import LayerPerturbation, find_decoder_layers
-from alp_agents.trainers.trainer import ALPTrainer, TrainerConfig
+from alp_agents.trainers.trainer import ALPTrainer, LoRAConfig, TrainerConfig
 
 __all__ = [
     "ALPTrainer",
     "Batch",
     "GroupAdvantages",
     "LayerPerturbation",
+    "LoRAConfig",
     "LossDiagnostics",
     "PolicyLossConfig",
     "TrainerConfig",

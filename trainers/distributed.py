@@ -25,6 +25,10 @@ What this module adds around ALPTrainer, and why:
   weighted by each rank's tokens or episodes (quantiles are approximated that way).
 - The full policy weights (for the engine or `save_pretrained`) are gathered on rank 0.
 
+Precision: `trainer.dtype = "bfloat16"` shards with MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32): the
+forward and backward run on bf16 copies of the gathered weights, gradients are reduced in float32 into the float32
+shards, which AdamW updates. float16 (loss scaling) and trainer.lora are refused under torchrun.
+
 Two things stay per rank: the ALP noise and the mini-batch shuffle. The noise is seeded by update,
 micro-batch and rank, so ranks perturb their own tokens independently. The shuffle reorders only
 that rank's rows. With `updates_per_batch` > 1, one update therefore sees other rows than in a single
@@ -151,9 +155,7 @@ class DistributedALPTrainer:
     >>> weights = trainer.policy_state_dict()   # full weights on rank 0, {} elsewhere     # doctest: +SKIP
     """
 
-    def __init__(
-        self, model: nn.Module, cfg: TrainerConfig, *, mesh: DeviceMesh | None = None, param_dtype: torch.dtype | None = None
-    ) -> None:
+    def __init__(self, model: nn.Module, cfg: TrainerConfig, *, mesh: DeviceMesh | None = None) -> None:
         if not dist.is_initialized():
             raise RuntimeError(
                 "DistributedALPTrainer needs torch.distributed: run under torchrun and call dist.init_process_group() first"
@@ -168,6 +170,15 @@ class DistributedALPTrainer:
                 "trainer.sigma_init='calibrated' needs an engine copy of the model, which FSDP2 cannot deepcopy; "
                 "use sigma_init='relative' or 'absolute' under torchrun"
             )
+        if cfg.dtype == "float16":
+            raise ConfigError(
+                "trainer.dtype='float16' is not supported under torchrun: its loss scaler would skip overflowed updates "
+                "rank by rank, and the shards would diverge; use trainer.dtype='bfloat16' (no loss scaling needed)"
+            )
+        if cfg.lora is not None:
+            raise ConfigError("trainer.lora is not supported under torchrun (FSDP2 sharding of PEFT adapters is not wired); "
+                              "set trainer.lora = null, or train LoRA in one process")
+        param_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else None  # the trainer does not autocast a sharded model
         self.model = shard_for_fsdp2(model, mesh=mesh, param_dtype=param_dtype)
         """The sharded policy (its parameters are DTensors)."""
         self.trainer = ALPTrainer(self.model, cfg)
@@ -406,7 +417,6 @@ def main(
     config: Annotated[Path | None, typer.Option(help="TOML file of TrainerConfig fields (algo, lr, loss, ...).")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="TrainerConfig override, e.g. algo=bypass (repeatable).")] = None,
     out: Annotated[Path | None, typer.Option(help="Save the policy and tokenizer here (Hugging Face model directory).")] = None,
-    bf16: Annotated[bool, typer.Option(help="Compute in bfloat16 (weights, gradient reduction, optimizer stay float32).")] = False,
 ) -> None:
     """Run ALP updates on a trajectory file across the ranks of torchrun; rank 0 prints one JSON line of metrics per step."""
     from transformers import AutoTokenizer
@@ -420,7 +430,7 @@ def main(
     try:
         rank, world_size = dist.get_rank(), dist.get_world_size()
         policy = load_policy(model)
-        trainer = DistributedALPTrainer(policy, cfg, param_dtype=torch.bfloat16 if bf16 else None)
+        trainer = DistributedALPTrainer(policy, cfg)  # --set dtype=bfloat16: bf16 compute, float32 weights and reduction
         mine = shard_batch(read_trajectories(trajectories), rank=rank, world_size=world_size)
         for step in range(1, steps + 1):
             metrics = trainer.step(mine)

@@ -64,6 +64,8 @@ def token_logprobs_naive(
 
 
 def _chunk_logprobs(head: nn.Module, hidden: Tensor, targets: Tensor, *, temperature: float) -> tuple[Tensor, Tensor]:
+    # Under bf16/fp16 compute the head's matmul runs (and rounds the logits) in that dtype, as an engine serving that
+    # dtype does; the normaliser and everything after it are float32, so the ratio's log-probs lose nothing more.
     logits = head(hidden).float() / temperature  # (n, V)
     log_normalizer = logits.logsumexp(-1)  # (n,)
     logprobs = logits.gather(-1, targets[:, None]).squeeze(-1) - log_normalizer  # (n,)

@@ -45,8 +45,12 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The list of decoder blocks of a Hugging Face causal LM, found without knowing its class.
 
     Tries the decoder's `layers` attribute (Llama, Qwen2, Mistral, ...), then the only ModuleList
-    whose length equals `config.num_hidden_layers` (GPT-2's `transformer.h`, ...).
+    whose length equals `config.num_hidden_layers` (GPT-2's `transformer.h`, ...). A PEFT wrapper
+    (PeftModel, `trainer.lora`) is looked through: its base model's layers, adapters inside, are the ones.
     """
+    get_base_model = getattr(model, "get_base_model", None)  # PeftModel's; a plain Hugging Face model has none
+    if callable(get_base_model):
+        model = get_base_model()
     get_decoder = getattr(model, "get_decoder", None)
     decoder = get_decoder() if callable(get_decoder) else model
     layers = getattr(decoder, "layers", None)
@@ -235,7 +239,9 @@ class LayerPerturbation:
         if generator is None:
             generator = self._generators[hidden.device] = torch.Generator(device=hidden.device)
         generator.manual_seed((self._seed * len(self.names) + point) % 2**63)
-        eps = torch.randn(hidden.shape, generator=generator, device=hidden.device, dtype=hidden.dtype)  # (B, T, H)
+        # float32 noise whatever the hidden state's dtype: under autocast the residual stream is float32 anyway; under
+        # FSDP2's bfloat16 weights it is bfloat16, and h + sigma * eps is then rounded once, not eps and sigma first.
+        eps = torch.randn(hidden.shape, generator=generator, device=hidden.device, dtype=torch.float32)  # (B, T, H)
         return _AddScaledNoise.apply(hidden, self._sigmas[point], eps)
 
     def _input_hook(self, point: int) -> Any:
@@ -264,17 +270,21 @@ class _AddScaledNoise(torch.autograd.Function):
 
     The same as the autograd of the plain expression with fewer kernels and no full-size temporary:
     on a small model these element-wise passes, not the matrix products, are what ALP adds to a step.
+    sigma and eps are float32 (float64 in gradcheck); the sum is computed in the wider of h's and eps's dtype
+    and returned in h's, so a bf16 residual stream is rounded once.
     """
 
     @staticmethod
     def forward(ctx: Any, hidden: Tensor, sigma: Tensor, eps: Tensor) -> Tensor:
         ctx.save_for_backward(eps)
-        return torch.addcmul(hidden, eps, sigma.to(hidden.dtype))
+        wide = torch.promote_types(hidden.dtype, eps.dtype)
+        return torch.addcmul(hidden.to(wide), eps, sigma.to(wide)).to(hidden.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
         (eps,) = ctx.saved_tensors
-        grad_sigma = torch.dot(grad.reshape(-1).float(), eps.reshape(-1).float())  # float32 sum, even for bf16
+        wide = torch.promote_types(grad.dtype, eps.dtype)
+        grad_sigma = torch.dot(grad.reshape(-1).to(wide), eps.reshape(-1).to(wide))  # float32 sum, even for a bf16 stream
         return grad, grad_sigma, None
 
 

@@ -5,7 +5,8 @@
       metrics.jsonl         one row per iteration (and the iteration-0 evaluation)
       tensorboard/          the same scalars as TensorBoard events
       samples/iter_N.jsonl  a few trajectories of iteration N (read them with `alp show`)
-      checkpoint/           model/ (HF directory), trainer.pt (optimizer, sigma, counters), loop.json
+      checkpoint/           model/ (HF directory), trainer.pt (optimizer, sigma, counters), loop.json,
+                            adapter/ (PEFT LoRA adapters, with trainer.lora; model/ then holds the merged weights)
       plots/                PNG figures (`alp plot RUN_DIR`)
 """
 
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import PeftModel
 from pydantic import BaseModel
 from torch.utils.tensorboard import SummaryWriter
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -94,10 +96,12 @@ class RunDir:
     # -- checkpoints ------------------------------------------------------------------------------
 
     def save_checkpoint(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, trainer_state: dict[str, Any],
-                        state: LoopState, *, weights: dict[str, torch.Tensor] | None = None) -> None:
+                        state: LoopState, *, weights: dict[str, torch.Tensor] | None = None,
+                        adapter: PeftModel | None = None) -> None:
         """Write a complete checkpoint next to the old one, then swap it in (a crash never leaves half a checkpoint).
 
-        `weights`: the model's full weights when its own are shards (FSDP2), else its state dict is saved.
+        `weights`: the model's full weights when its own are shards (FSDP2) or LoRA-merged, else its state dict is saved.
+        `adapter`: a PeftModel whose adapters alone are also saved, in `adapter/`.
         Raises CheckpointError, the previous checkpoint intact, when the disk lacks the space or a write fails.
         """
         staging = self.path / "checkpoint.tmp"
@@ -109,6 +113,8 @@ class RunDir:
         try:
             model.save_pretrained(staging / "model", state_dict=weights)
             tokenizer.save_pretrained(staging / "model")
+            if adapter is not None:
+                adapter.save_pretrained(staging / "adapter")
             torch.save(trainer_state, staging / "trainer.pt")
             (staging / "loop.json").write_text(state.model_dump_json() + "\n", encoding="utf-8")  # last: marks it complete
         except Exception as error:  # torch reports a full disk as RuntimeError("... unexpected pos ..."), safetensors its own way

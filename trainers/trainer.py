@@ -15,6 +15,14 @@ forward (perturbed for ALP), the policy loss against the algorithm's behavior lo
     mis     recomputed pi_old          no            x pi_old / mu, masked outside [low, high]
     gspo    recomputed pi_old          no            geometric sequence ratio, clip 1 -/+ (3e-4, 4e-4)
 
+Precision (`dtype`): the weights, their gradients and AdamW's moments are always float32 (master weights);
+bfloat16 and float16 run the forwards under `torch.autocast`, float16 with a GradScaler (loss scaling, an
+update whose scaled gradient overflowed is skipped and the scale lowered). Log-probs, the loss and ALP's
+noise and sigma stay float32. Under FSDP2 (torchrun) the sharding's MixedPrecisionPolicy casts instead.
+
+LoRA (`lora`): the model is wrapped by PEFT; only the adapters (and sigma) train, and the weights pushed
+to the engine or saved are the base model's, Hugging Face names and shapes, with the adapters merged in.
+
 pi_old is the policy before the step's first optimizer update, recomputed without noise on the same
 micro-batches; it is computed only for the algorithms that need it, and for `mis_reject`: alp or bypass
 whose loss drops the tokens (or sequences) MIS would reject, without MIS's reweighting.
@@ -37,8 +45,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
 from pydantic import Field, ValidationInfo, field_validator
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -68,8 +79,27 @@ Algo = Literal["alp", "bypass", "grpo", "tis", "mis", "gspo"]
 RECOMPUTES_OLD_POLICY = ("grpo", "tis", "mis", "gspo")
 MIS_REJECT_ALGOS = ("alp", "bypass")
 """The algorithms whose ratio is against mu, to which `mis_reject` adds MIS's rejection."""
+Precision = Literal["float32", "bfloat16", "float16"]
+COMPUTE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LORA_ADAPTER = "default"
+"""PEFT's name of the one adapter the trainer adds."""
 GSPO_LOSS_DEFAULTS = {"level": "geometric", "clip_low": 3e-4, "clip_high": 4e-4, "dual_clip": None}
 """GSPO's published settings, applied to every `loss` field the config leaves unset when algo='gspo'."""
+
+
+class LoRAConfig(Config):
+    """Low-rank adapters (PEFT LoRA) on the model's projections: W x + (alpha / rank) B A x, only A and B trained."""
+
+    rank: int = Field(default=16, ge=1)
+    """r, the rank of each adapter (A: r x in_features, B: out_features x r; B starts at 0, so step 0 is the base model)."""
+    alpha: float = Field(default=32.0, gt=0.0)
+    """Scale of the adapters' output: alpha / rank."""
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """Dropout on the adapters' input; > 0 makes pi_old and the mismatch metrics random too (the model stays in train mode)."""
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], min_length=1
+    )
+    """Names of the Linear modules that get an adapter (default: every attention and MLP projection of Qwen2/Llama)."""
 
 
 class TrainerConfig(Config):
@@ -122,6 +152,12 @@ class TrainerConfig(Config):
     """Give loss mask 0 to the sampled tokens of void turns (neither a valid tool call nor an answer) in the update."""
     seed: int = Field(default=0, ge=0)
     """Seeds the mini-batch shuffle and every noise draw: same seed, model and data give the same step."""
+    dtype: Precision = "float32"
+    """Compute precision of the forwards: float32 | bfloat16 | float16 (autocast; float16 adds loss scaling). Weights,
+    gradients, optimizer state, log-probs and ALP's sigma stay float32."""
+    lora: LoRAConfig | None = None
+    """Train LoRA adapters instead of every weight (null: full fine-tuning); the engine gets the merged weights. Fields
+    (TOML [trainer.lora]): rank (16), alpha (32), dropout (0), target_modules (every attention and MLP projection)."""
 
     @field_validator("loss", mode="after")
     @classmethod
@@ -161,13 +197,14 @@ class ALPTrainer:
                 "(e.g. cast to bfloat16), or use sigma_init='relative' or 'absolute'"
             )
         self.cfg = cfg
-        self.model = model
-        """The policy being trained (in train mode)."""
-        model.train()
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.reference = copy.deepcopy(model).eval().requires_grad_(False) if cfg.kl_coef > 0 else None
-        """Frozen copy of the initial model for the KL penalty (None when kl_coef is 0); copied before any hook exists."""
+        """Frozen copy of the initial model for the KL penalty (None when kl_coef is 0); copied before any hook or adapter exists."""
+        self.model = with_lora(model, cfg.lora, seed=cfg.seed) if cfg.lora is not None else model
+        """The policy being trained (in train mode): `model`, or a PeftModel around it with trainer.lora."""
+        self.model.train()
+        model = self.model  # from here on: the policy as trained (hooks and optimizer go on the PEFT wrapper's modules)
         self.perturbation = (
             LayerPerturbation(model, layers=cfg.perturb_layers, init_sigma=cfg.init_sigma) if cfg.algo == "alp" else None
         )
@@ -185,6 +222,12 @@ class ALPTrainer:
         self._shuffle = torch.Generator().manual_seed(cfg.seed)
         self._pad_token_id = getattr(model.config, "pad_token_id", None) or 0
         self._device = next(model.parameters()).device
+        self._autocast = cfg.dtype != "float32" and not _is_fsdp(model)  # FSDP2's MixedPrecisionPolicy casts the weights itself
+        self.scaler = torch.amp.GradScaler(self._device.type) if cfg.dtype == "float16" else None
+        """Loss scaling for float16 (its scale is part of `state_dict()`); None otherwise."""
+        if cfg.dtype == "float16" and self._device.type == "cpu":
+            logger.warning("trainer.dtype='float16' on a CPU works but is slow (27x float32 per step in "
+                           "benchmarks/trainer_step.py: no float16 matmul kernels); bfloat16 is the fast CPU precision")
 
     # -- the update ------------------------------------------------------------------------------
 
@@ -222,13 +265,15 @@ class ALPTrainer:
                 share = loss_units(mask, cfg.loss.aggregation) / max(units, 1)
                 behavior = old[u][m] if old is not None and cfg.algo in RECOMPUTES_OLD_POLICY else mb.infer_logprobs
                 with self._noise(m):  # backward too: a checkpointed layer recomputes its forward, noise included
-                    logprobs, entropy = token_logprobs(
-                        self.model, mb.input_ids, mb.attention_mask, chunk_size=cfg.logprob_chunk_size, temperature=cfg.temperature
-                    )  # (b, t) each
+                    with self._compute():  # the forward only: backward runs each op in its forward's dtype by itself
+                        logprobs, entropy = token_logprobs(
+                            self.model, mb.input_ids, mb.attention_mask, chunk_size=cfg.logprob_chunk_size, temperature=cfg.temperature
+                        )  # (b, t) each, float32
                     pg_loss, diag = policy_loss(logprobs, behavior, advantages[plan[u][m]], mask, cfg.loss, weights=weights)
                     kl_loss = aggregate(k3_kl(logprobs, ref[u][m]), mask, cfg.loss.aggregation) if ref is not None else pg_loss.new_zeros(())
                     loss = pg_loss + cfg.kl_coef * kl_loss
-                    (loss * (share * grad_scale)).backward()
+                    scaled = loss * (share * grad_scale)
+                    (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
 
                 diagnostics.append(diag)
                 entropies.append(entropy[mb.loss_mask])
@@ -262,7 +307,15 @@ class ALPTrainer:
         metrics["perf/tokens"] = float(batch.loss_mask.sum())
         metrics["perf/sequences"] = float(len(batch))
         metrics["perf/skipped_updates"] = float(self.num_skipped_updates - skipped_before)
+        if self.scaler is not None:
+            metrics["grad/loss_scale"] = float(self.scaler.get_scale())
         return metrics
+
+    def _compute(self) -> Any:
+        """The forward's precision: autocast to trainer.dtype (a no-op for float32, and under FSDP2, which casts itself)."""
+        if not self._autocast:
+            return nullcontext()
+        return torch.autocast(self._device.type, dtype=COMPUTE_DTYPES[self.cfg.dtype])
 
     def _noise(self, micro_index: int) -> Any:
         """The perturbation's `active` block for this micro-batch of the current update (a no-op without ALP)."""
@@ -284,13 +337,20 @@ class ALPTrainer:
     def _frozen_logprobs(self, model: nn.Module, micro: list[list[Batch]]) -> list[list[Tensor]]:
         """Log-probs of `model` without noise or gradient on each micro-batch (pi_old or the reference)."""
         chunk, temperature = self.cfg.logprob_chunk_size, self.cfg.temperature
-        return [
-            [token_logprobs(model, mb.input_ids, mb.attention_mask, chunk_size=chunk, temperature=temperature)[0] for mb in update]
-            for update in micro
-        ]
+        with self._compute():  # the same precision as the update's forward, so that pi_theta = pi_old before any change
+            return [
+                [token_logprobs(model, mb.input_ids, mb.attention_mask, chunk_size=chunk, temperature=temperature)[0] for mb in update]
+                for update in micro
+            ]
 
     def _apply_gradients(self) -> tuple[float, float]:
-        """Clip, then step AdamW unless a gradient is not finite (then the update is skipped and counted)."""
+        """Clip, then step AdamW unless a gradient is not finite (then the update is skipped and counted).
+
+        float16: the gradients are unscaled first, so clipping and the norms see the true values; an overflow
+        (a non-finite norm) skips the update and the GradScaler lowers its scale.
+        """
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         policy = [p for p in self.model.parameters() if p.grad is not None]
         norms = torch.zeros(2, device=self._device)  # (policy, sigma) gradient norms before clipping
         if policy:
@@ -299,16 +359,27 @@ class ALPTrainer:
             norms[1] = torch.nn.utils.clip_grad_norm_([self.perturbation.log_sigma], self.cfg.grad_clip)
         policy_norm, sigma_norm = norms.tolist()  # one device sync for both
         if math.isfinite(policy_norm) and math.isfinite(sigma_norm):
-            self.optimizer.step()
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)  # steps: unscale_ found no inf, as the finite norms say
+            else:
+                self.optimizer.step()
         else:
             self.num_skipped_updates += 1
-            logger.warning("update %d skipped: gradient norm is not finite (policy %s, sigma %s)", self.num_updates, policy_norm, sigma_norm)
+            scale = f" at float16 loss scale {self.scaler.get_scale()}" if self.scaler is not None else ""
+            logger.warning("update %d skipped: gradient norm is not finite%s (policy %s, sigma %s)",
+                           self.num_updates, scale, policy_norm, sigma_norm)
+        if self.scaler is not None:
+            self.scaler.update()  # halves the scale after an overflow, grows it after growth_interval clean updates
         self.optimizer.zero_grad(set_to_none=True)
         self.num_updates += 1
         return policy_norm, sigma_norm
 
     def _calibrate_sigma(self, mb: Batch) -> None:
-        """Set the relative or calibrated sigmas from this micro-batch (once, on the first batch)."""
+        """Set the relative or calibrated sigmas from this micro-batch (once, on the first batch).
+
+        Measured in float32 whatever trainer.dtype: the hidden states' scale, and the engine's error against the
+        exact model, are what sigma is a fraction of.
+        """
         assert self.perturbation is not None
         if self.cfg.sigma_init == "calibrated":
             assert self.engine_copy is not None  # checked in __init__
@@ -324,15 +395,17 @@ class ALPTrainer:
     # -- weights and checkpoints -----------------------------------------------------------------
 
     def policy_state_dict(self) -> dict[str, Tensor]:
-        """The weights to push to the inference engine: the model's own tensors, each stored once.
+        """The weights to push to the inference engine: the model's own float32 tensors, each stored once.
 
         No perturbation parameter is ever included. A tied weight (e.g. lm_head.weight sharing
         embed_tokens.weight) appears once, under its first name; the engine re-ties it from the model
         config. The tensors are detached views of the live weights: copy them to keep a snapshot.
+        With trainer.lora: the base model's names and shapes, each adapted weight merged (a new tensor).
         """
+        state = merged_weights(self.model) if isinstance(self.model, PeftModel) else self.model.state_dict()
         weights: dict[str, Tensor] = {}
         seen: set[tuple[int, int, tuple[int, ...]]] = set()
-        for name, tensor in self.model.state_dict().items():
+        for name, tensor in state.items():
             key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
             if tensor.numel() > 0 and key in seen:
                 continue
@@ -352,11 +425,21 @@ class ALPTrainer:
             "num_skipped_updates": self.num_skipped_updates,
             "sigma_calibrated": self.sigma_calibrated,
             "shuffle_rng": self._shuffle.get_state(),
+            "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "lora": self.cfg.lora.model_dump() if self.cfg.lora is not None else None,
         }
 
     def save_checkpoint(self, run: RunDir, tokenizer: PreTrainedTokenizerBase, state: LoopState) -> None:
-        """The model (a Hugging Face directory), this trainer's `state_dict()` and the loop's state, in `run`'s checkpoint."""
-        run.save_checkpoint(self.model, tokenizer, self.state_dict(), state)
+        """The model (a Hugging Face directory), this trainer's `state_dict()` and the loop's state, in `run`'s checkpoint.
+
+        With trainer.lora the model directory holds the merged weights (`alp eval --model` loads it), `adapter/`
+        the adapters alone (PEFT format), and trainer.pt the unmerged base weights and adapters that resume needs.
+        """
+        if isinstance(self.model, PeftModel):
+            run.save_checkpoint(self.model.get_base_model(), tokenizer, self.state_dict(), state,
+                                weights=self.policy_state_dict(), adapter=self.model)
+        else:
+            run.save_checkpoint(self.model, tokenizer, self.state_dict(), state)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a `state_dict()` saved by a trainer with the same algo and model architecture."""
@@ -364,6 +447,9 @@ class ALPTrainer:
             raise ConfigError(f"checkpoint was saved with algo={state['algo']!r} but this trainer runs algo={self.cfg.algo!r}")
         if (state["reference"] is None) != (self.reference is None):
             raise ConfigError("checkpoint and trainer disagree on the KL reference model: set kl_coef as when it was saved")
+        lora = self.cfg.lora.model_dump() if self.cfg.lora is not None else None
+        if state.get("lora") != lora:
+            raise ConfigError(f"checkpoint was saved with trainer.lora={state.get('lora')} but this trainer has trainer.lora={lora}")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.perturbation is not None:
@@ -375,6 +461,8 @@ class ALPTrainer:
         self.num_skipped_updates = state["num_skipped_updates"]
         self.sigma_calibrated = state["sigma_calibrated"]
         self._shuffle.set_state(state["shuffle_rng"])
+        if self.scaler is not None and state.get("grad_scaler") is not None:  # a float32/bfloat16 checkpoint starts a new scale
+            self.scaler.load_state_dict(state["grad_scaler"])
 
 
 def loss_correction(old: Tensor | None, mb: Batch, cfg: TrainerConfig) -> tuple[Tensor, Tensor | None, Tensor]:
@@ -418,6 +506,49 @@ def build_optimizer(model: nn.Module, perturbation: LayerPerturbation | None, cf
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
 
 
+def with_lora(model: nn.Module, cfg: LoRAConfig, *, seed: int) -> PeftModel:
+    """`model` wrapped by PEFT with one LoRA adapter per target module; every other weight is frozen.
+
+    The random A matrices are drawn from `seed`, apart from the global RNG: the same seed gives the same adapters.
+    """
+    found = {name.rpartition(".")[2] for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    missing = sorted(set(cfg.target_modules) - found)
+    if missing:
+        raise ConfigError(f"trainer.lora.target_modules names {missing}, which {type(model).__name__} has no Linear "
+                          f"module called; its Linear modules are {sorted(found)}")
+    config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules))
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(model, config, adapter_name=LORA_ADAPTER)
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    logger.info("LoRA rank %d on %s: %d trainable parameters of %d", cfg.rank, cfg.target_modules, trainable,
+                sum(p.numel() for p in peft_model.parameters()))
+    return peft_model
+
+
+@torch.no_grad()
+def merged_weights(model: PeftModel) -> dict[str, Tensor]:
+    """The base model's state dict under its Hugging Face names, each adapted weight merged: W + (alpha / r) B A.
+
+    Computed beside the live weights (no merge in place and back, which would round W), in their float32.
+    """
+    base = model.get_base_model()
+    adapted = {name: module for name, module in base.named_modules() if isinstance(module, LoraLayer)}
+    weights: dict[str, Tensor] = {}
+    for name, tensor in base.state_dict().items():
+        owner, _, leaf = name.rpartition(".")
+        if ".lora_" in name:
+            continue  # the adapters themselves: merged into their base weight below
+        if owner.endswith(".base_layer"):
+            owner = owner.removesuffix(".base_layer")
+            name = f"{owner}.{leaf}"
+            if leaf == "weight":
+                tensor = tensor + adapted[owner].get_delta_weight(LORA_ADAPTER).to(tensor.dtype)
+        weights[name] = tensor.detach()
+    return weights
+
+
 def noise_seed(*parts: int) -> int:
     """A 63-bit seed that differs for every (config seed, update, micro-batch, rank) combination."""
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
@@ -436,6 +567,11 @@ def training_device() -> torch.device:
 def load_policy(model_dir: str | Path) -> PreTrainedModel:
     """A Hugging Face causal LM to train: float32 weights on `training_device()`."""
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(training_device())
+
+
+def _is_fsdp(model: nn.Module) -> bool:
+    """Whether FSDP2 shards part of `model` (then its MixedPrecisionPolicy, not autocast, sets the compute dtype)."""
+    return any(isinstance(module, FSDPModule) for module in model.modules())
 
 
 def _distributed() -> bool:
