@@ -9,6 +9,7 @@
     │   └── EngineUnavailable     the engine or server cannot be reached / has shut down
     ├── CheckpointError           a checkpoint cannot be written (disk space) or found
     ├── Interrupted               SIGINT/SIGTERM stopped a run after its checkpoint (exit 128 + signal)
+    ├── EpisodesFailed            every episode of a batch or evaluation failed (the first error, what to do)
     ├── EnvError                  an environment broke its contract (see check_env)
     ├── ToolError                 a tool could not be defined or registered
     └── SandboxError              the Python sandbox cannot provide the isolation asked for
@@ -62,6 +63,10 @@ class Interrupted(AlpError):
     def exit_code(self) -> int:
         """The shell's convention for a process ended by a signal: 130 for SIGINT, 143 for SIGTERM."""
         return 128 + self.signal_number
+
+
+class EpisodesFailed(AlpError):
+    """Every episode of a batch or an evaluation failed: training on nothing is stopped, with the first error."""
 
 
 class EnvError(AlpError):

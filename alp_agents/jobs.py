@@ -16,11 +16,12 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import gymnasium
 import torch
 import torch.distributed as dist
+from gymnasium.wrappers import OrderEnforcing, PassiveEnvChecker, TimeLimit
 from pydantic import BaseModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -68,7 +69,30 @@ def env_factory(section: EnvSection) -> Callable[[], EpisodeEnv]:
         close = difflib.get_close_matches(env_id, list(gymnasium.registry), n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise ConfigError(f"env.id {section.id!r} is not registered; {hint}built-in ids: {', '.join(known)}")
-    return built_once(lambda: gymnasium.make(env_id, **section.kwargs), section)
+    return built_once(lambda: episode_env(gymnasium.make(env_id, **section.kwargs), section.id), section)
+
+
+HARMLESS_WRAPPERS = (OrderEnforcing, PassiveEnvChecker)
+"""What `gymnasium.register` wraps every env in by default: checks of reset/step order and of the spaces, which the
+agent loop keeps by construction. They have no areset/astep, so the loop plays the env inside them."""
+
+
+def episode_env(env: gymnasium.Env, env_id: str) -> EpisodeEnv:
+    """The env the agent loop plays: `env`, or the TextEnv inside gymnasium's default wrappers; ConfigError for any other
+    wrapper, which the loop would otherwise bypass without a word."""
+    inner: Any = env
+    while not hasattr(inner, "areset") and isinstance(inner, HARMLESS_WRAPPERS):
+        inner = inner.env
+    if hasattr(inner, "areset") and hasattr(inner, "astep"):
+        return cast(EpisodeEnv, inner)
+    env.close()
+    if isinstance(inner, gymnasium.Wrapper):
+        hint = ("use the env's own max_turns instead of max_episode_steps" if isinstance(inner, TimeLimit)
+                else "apply its logic inside the environment (or give the wrapper async areset/astep)")
+        raise ConfigError(f"environment {env_id!r} is wrapped in {type(inner).__name__}, which has no areset/astep, so the agent "
+                          f"loop cannot play through it: {hint}")
+    raise ConfigError(f"environment {env_id!r} ({type(inner).__name__}) has no areset/astep: derive it from "
+                      "alp_agents.envs.TextEnv (or ToolEnv / MathEnv), whose async twins the agent loop calls")
 
 
 def built_once(make: Callable[[], E], section: EnvSection) -> Callable[[], E]:
@@ -79,6 +103,8 @@ def built_once(make: Callable[[], E], section: EnvSection) -> Callable[[], E]:
     """
     try:
         make().close()
+    except ConfigError:
+        raise  # already says what is wrong (e.g. a wrapper the agent loop cannot play through)
     except Exception as e:
         error = " ".join(f"{type(e).__name__}: {e}".split())  # one line, whatever the environment raised
         raise ConfigError(f"environment {section.id!r} cannot be built from env.kwargs {section.kwargs} "

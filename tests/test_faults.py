@@ -112,7 +112,6 @@ def test_why_never_updated_names_the_cause():
     assert why_never_updated([row(0, 1.0)]) is None  # no iteration ran
     assert "too easy" in why_never_updated([row(1, 1.0, reward=1.0), row(2, 1.0, reward=0.9)])
     assert "too hard" in why_never_updated([row(1, 1.0, reward=0.0)])
-    assert "every episode failed" in why_never_updated([row(1, 1.0, failure_rate=1.0)])
 
 
 def test_a_weight_push_to_a_dead_engine_fails_at_once(tiny_model_dir, tiny_weights):

@@ -14,8 +14,10 @@ what ALP corrects. The trainer is anything with `step`, `policy_state_dict` and 
 (PolicyTrainer): ALPTrainer in one process, a RankZeroTrainer under torchrun, whose calls the other
 ranks mirror on their shards of the policy (alp_agents.trainers.distributed).
 
-Failures stay small: a failed episode is dropped from the batch (counted in rollout/failure_rate);
-a batch without any learning signal (every group's rewards equal) is skipped and counted. Ctrl-C
+Failures stay small: a failed episode is dropped from the batch (counted in rollout/failure_rate;
+above rollout.warn_failure_rate a warning gives the first error), but a batch or an evaluation whose
+episodes ALL failed stops the run with the first error (EpisodesFailed): it would train on nothing.
+A batch without any learning signal (every group's rewards equal) is skipped and counted. Ctrl-C
 (SIGINT) or SIGTERM cancels the rollouts, evaluation or weight push in flight (an update step, which
 cannot be cut safely, finishes first), saves a checkpoint of the last completed iteration, closes the
 engine and raises Interrupted; a second signal exits at once. Any other error also saves a checkpoint
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import time
 from collections import Counter
@@ -42,7 +45,7 @@ from alp_agents.chat import load_tokenizer
 from alp_agents.engines.base import InferenceEngine
 from alp_agents.engines.factory import start_engine
 from alp_agents.engines.quantize import engine_view, serving_exact_weights
-from alp_agents.errors import Interrupted
+from alp_agents.errors import EpisodesFailed, Interrupted
 from alp_agents.evaluation import rollout_stats
 from alp_agents.plots import plot_run
 from alp_agents.rollout import EpisodeEnv, collect
@@ -54,6 +57,7 @@ from alp_agents.trainers.run_dir import LoopState, RunDir
 from alp_agents.trainers.stopping import StopRequested, StopSignals, until_stopped
 from alp_agents.trainers.trainer import ALPTrainer, load_policy
 
+logger = logging.getLogger(__name__)
 
 class PolicyTrainer(Protocol):
     """What the loop needs from a trainer: ALPTrainer in one process, RankZeroTrainer under torchrun."""
@@ -205,6 +209,7 @@ class TrainingJob:
             episodes = await collect(self.env_factory, tasks, self.engine, self.tokenizer, sampling=rollout.sampling,
                                      group_size=rollout.group_size, limits=rollout.limits, max_concurrency=rollout.max_concurrency,
                                      seed=seed * 100_003 + iteration + 10**7 * draw, progress=False)
+            check_failures(episodes, f"iteration {iteration}'s rollouts", warn_above=rollout.warn_failure_rate)
             drawn += episodes
             shaped, _ = shape_overlong(episodes, rollout.overlong, limits=rollout.limits, buffer_fraction=rollout.overlong_buffer_fraction,
                                        penalty_factor=rollout.overlong_penalty_factor)
@@ -223,6 +228,7 @@ class TrainingJob:
             trajectories = await collect(self.env_factory, self.eval_tasks, self.engine, self.tokenizer, sampling=sampling,
                                          group_size=schedule.eval_k, limits=rollout.limits, max_concurrency=rollout.max_concurrency,
                                          seed=10**6 + schedule.seed, progress=False)
+        check_failures(trajectories, f"the evaluation at policy version {state.policy_version}", warn_above=rollout.warn_failure_rate)
         return {f"eval/{k}": float(v) for k, v in rollout_stats(trajectories).model_dump().items()}
 
     def evaluation_due(self, iteration: int) -> bool:
@@ -264,15 +270,27 @@ def staleness_metrics(trained: Sequence[Trajectory], policy_version: int) -> dic
     }
 
 
+def check_failures(episodes: Sequence[Trajectory], what: str, *, warn_above: float) -> None:
+    """Raise EpisodesFailed when every episode failed (a run would train on nothing); warn when more than `warn_above` did."""
+    failed = [t for t in episodes if t.finish_reason == "error"]
+    if not failed:
+        return
+    first = failed[0].metadata.get("error", "no error recorded")
+    if len(failed) == len(episodes):
+        raise EpisodesFailed(f"every episode of {what} failed ({len(failed)} of {len(failed)}); the first error: {first}. "
+                             "Fix the environment or its tools (check it with alp_agents.envs.check_env on one task), then rerun")
+    if len(failed) / len(episodes) > warn_above:
+        logger.warning("%d of %d episodes of %s failed (above rollout.warn_failure_rate = %g); the first error: %s",
+                       len(failed), len(episodes), what, warn_above, first)
+
+
 def why_never_updated(rows: Sequence[dict[str, Any]]) -> str | None:
     """Why a run's iterations never updated the policy (every batch skipped), or None if one did (or none ran)."""
     iterations = [row for row in rows if row["iteration"] > 0]
     if not iterations or any(row["train/skipped_batch"] == 0 for row in iterations):
         return None
     reward = sum(row["rollout/mean_reward"] for row in iterations) / len(iterations)
-    if all(row["rollout/failure_rate"] == 1 for row in iterations):
-        cause = "every episode failed (the error is in samples/iter_N.jsonl; `alp show` prints it)"
-    else:
-        cause = (f"no group of episodes had rewards that differ (mean reward {reward:.2f}): the tasks are "
-                 f"{'too hard' if reward < 0.5 else 'too easy'} for the model, or group_size is too small to tell them apart")
+    # (A run whose episodes all failed stops at once with EpisodesFailed: it never gets here.)
+    cause = (f"no group of episodes had rewards that differ (mean reward {reward:.2f}): the tasks are "
+             f"{'too hard' if reward < 0.5 else 'too easy'} for the model, or group_size is too small to tell them apart")
     return f"the policy was never updated in {len(iterations)} iterations: {cause}"

@@ -92,6 +92,9 @@ class RolloutSection(Config):
     """Turns, tokens per turn, context and time of one episode."""
     max_concurrency: int = Field(64, ge=1)
     """Episodes in flight at once."""
+    warn_failure_rate: float = Field(0.25, ge=0, le=1)
+    """Warn (with the first error) when more than this share of a batch's or an evaluation's episodes fail; when every
+    episode fails the run stops at once (EpisodesFailed), since it would train on nothing."""
     dynamic_sampling: bool = False
     """DAPO dynamic sampling: leave out groups whose usable episodes all have the same reward (no GRPO signal) and draw
     more tasks until tasks_per_batch groups differ, or dynamic_sampling_max_draws is reached (the batch is then short)."""

@@ -1,0 +1,71 @@
+"""A user's own environment: registered the plain gymnasium way it trains; one whose episodes all fail stops the run
+with the first error instead of "training" on nothing and exiting 0."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import gymnasium
+import pytest
+
+from alp_agents.envs import Task, TextEnv
+from alp_agents.errors import ConfigError, EpisodesFailed
+from alp_agents.jobs import env_factory
+from alp_agents.trainers.loop import check_failures
+from alp_agents.trainers.run_config import EnvSection
+from alp_agents.trajectory import Trajectory
+from test_train_loop import train_in_process
+
+
+def test_gymnasiums_default_wrappers_are_looked_through():
+    make = env_factory(EnvSection(id="parity_envs:WrappedParity-v0"))
+    env = make()
+    assert isinstance(env, TextEnv) and type(env).__name__ == "ParityEnv"
+    messages, _ = asyncio.run(env.areset(seed=0, options={"task": Task(id="t", prompt="say hi", answer="")}))
+    assert messages[-1].content == "say hi"
+    _, reward, terminated, _, _ = asyncio.run(env.astep("ab"))
+    assert (reward, terminated) == (1.0, True)
+
+
+@pytest.mark.parametrize(("register", "message"), [
+    (dict(entry_point="parity_envs:ParityEnv", max_episode_steps=3), "wrapped in TimeLimit, .* use the env's own max_turns"),
+    (dict(entry_point="gymnasium.envs.classic_control:CartPoleEnv"), r"\(CartPoleEnv\) has no areset/astep: derive it from alp_agents.envs.TextEnv"),
+])  # fmt: skip
+def test_an_env_the_loop_cannot_play_fails_at_load_saying_why(register, message):
+    env_id = f"Unplayable{len(message)}-v0"
+    gymnasium.register(env_id, **register)
+    try:
+        with pytest.raises(ConfigError, match=message):
+            env_factory(EnvSection(id=env_id))
+    finally:
+        del gymnasium.registry[env_id]
+
+
+def test_an_env_registered_the_plain_gymnasium_way_trains(tmp_path, tiny_model_dir, vllm_engine):
+    rows = train_in_process(tmp_path, tiny_model_dir, ["env.id=parity_envs:WrappedParity-v0"], iterations=2, engine=vllm_engine)
+    assert [row["rollout/failure_rate"] for row in rows if row["iteration"] > 0] == [0.0, 0.0]
+    assert rows[-1]["eval/episodes"] > 0 and rows[-1]["eval/failure_rate"] == 0.0
+
+
+@pytest.mark.parametrize(("eval_size", "where"), [(4, "the evaluation at policy version 0"), (0, "iteration 1's rollouts")])
+def test_a_run_whose_episodes_all_fail_stops_with_the_first_error(tmp_path, tiny_model_dir, vllm_engine, eval_size, where):
+    overrides = ["env.id=parity_envs:Parity-v0", 'env.kwargs.fail_with="the grader is down"', f"data.eval_size={eval_size}"]
+    with pytest.raises(EpisodesFailed, match=rf"every episode of {where} failed \(\d+ of \d+\); the first error: RuntimeError: the grader is down"):
+        train_in_process(tmp_path, tiny_model_dir, overrides, iterations=2, engine=vllm_engine)
+    assert (tmp_path / "run" / "checkpoint").is_dir()  # the checkpoint of iteration 0, as for any error
+
+
+def episode(finish_reason: str, error: str = "") -> Trajectory:
+    return Trajectory(token_ids=[1, 2], loss_mask=[0, 1], infer_logprobs=[0.0, -0.5], prompt_length=1, finish_reason=finish_reason,
+                      metadata={"error": error} if error else {})
+
+
+def test_a_high_failure_rate_warns_with_the_first_error(caplog):
+    with caplog.at_level(logging.WARNING, logger="alp_agents.trainers.loop"):
+        check_failures([episode("error", "ToolFailure: boom"), episode("terminated")], "a batch", warn_above=0.25)
+        check_failures([episode("error", "ToolFailure: boom"), *[episode("terminated")] * 3], "a batch", warn_above=0.25)
+    assert [r.getMessage() for r in caplog.records] == [
+        "1 of 2 episodes of a batch failed (above rollout.warn_failure_rate = 0.25); the first error: ToolFailure: boom"]
+    with pytest.raises(EpisodesFailed, match="every episode of a batch failed \\(2 of 2\\); the first error: ToolFailure: boom"):
+        check_failures([episode("error", "ToolFailure: boom"), episode("error", "Other")], "a batch", warn_above=0.25)
