@@ -14,7 +14,7 @@ import os
 import re
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -22,7 +22,7 @@ import gymnasium
 import torch
 import torch.distributed as dist
 from gymnasium.wrappers import OrderEnforcing, PassiveEnvChecker, TimeLimit
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import alp_agents.envs  # noqa: F401 - registers the built-in environments with gymnasium
@@ -33,7 +33,7 @@ from alp_agents.engines.base import SamplingConfig
 from alp_agents.engines.factory import EngineSection, start_engine
 from alp_agents.engines.openai_server import WeightsTransport
 from alp_agents.envs import Task, arithmetic_tasks, split_tasks
-from alp_agents.envs.tasks import BUILTIN_DATASETS, FieldMap, load_builtin_tasks, load_hub_tasks, load_task_file
+from alp_agents.envs.tasks import BUILTIN_DATASETS, FieldMap, TaskError, load_builtin_tasks, load_hub_tasks, load_task_file
 from alp_agents.envs.demos import make_demonstrations
 from alp_agents.errors import ConfigError, ModelError
 from alp_agents.evaluation import RolloutStats, rollout_stats
@@ -112,15 +112,48 @@ def built_once(make: Callable[[], E], section: EnvSection) -> Callable[[], E]:
     return make
 
 
-def load_tasks(section: DataSection) -> tuple[list[Task], list[Task]]:
-    """(train, held-out) tasks of a data section."""
+def run_tasks(cfg: TrainConfig, make_env: Callable[[], EpisodeEnv], env_id: str) -> tuple[list[Task], list[Task]]:
+    """(train, held-out) tasks of a run: [data]'s, or the environment's own (data.source 'auto' or 'env').
+
+    'auto' is resolved in `cfg` ('env' or 'arithmetic'), so that the saved config, and a resumed run, name the source used.
+    A custom environment without tasks of its own and a config without [data] fail: they would train on arithmetic.
+    """
+    data = cfg.data
+    own = environment_tasks(make_env) if data.source in ("auto", "env") else []
+    if data.source == "auto":
+        if not own and "data" not in cfg.model_fields_set and not env_id.startswith("alp_agents/"):
+            raise ConfigError(f"environment {env_id!r} has no tasks of its own (TextEnv(tasks=...)) and the config has no [data] "
+                              "section: say where its tasks come from, e.g. [data] source = 'file' and path = 'tasks.jsonl', or "
+                              "source = 'python' and path = 'my_module:make_tasks' (source = 'arithmetic' for synthetic arithmetic)")
+        data.source = "env" if own else "arithmetic"
+        if own and "eval_size" not in data.model_fields_set:
+            data.eval_size = min(data.eval_size, len(own) // 5)  # a fifth of a small task list, at most the default
+    return load_tasks(data, env_tasks=own)
+
+
+def environment_tasks(make_env: Callable[[], EpisodeEnv]) -> list[Task]:
+    """The tasks an environment brings (TextEnv.tasks), read from one built and closed environment."""
+    env = make_env()
+    try:
+        return list(getattr(env, "tasks", None) or [])
+    finally:
+        env.close()
+
+
+def load_tasks(section: DataSection, *, env_tasks: Sequence[Task] = ()) -> tuple[list[Task], list[Task]]:
+    """(train, held-out) tasks of a data section; `env_tasks`: the environment's own, for source 'auto' and 'env'."""
+    if section.source == "auto":
+        section = section.model_copy(update={"source": "env" if env_tasks else "arithmetic"})
+    if section.source == "env" and not env_tasks:
+        raise ConfigError("data.source = 'env' but the environment has no tasks of its own: give it tasks (TextEnv(tasks=...)) "
+                          "or choose another data.source")
     if section.source == "arithmetic":
         if section.path or section.limit:
             raise ConfigError("data.source = 'arithmetic' reads no file: set data.source = 'file' to read data.path, or unset "
                               "data.path and data.limit (data.train_size sets how many problems to make)")
         tasks = arithmetic_tasks(section.train_size + section.eval_size, seed=section.seed, difficulty=section.difficulty)
     else:
-        tasks = data_section_tasks(section)
+        tasks = list(env_tasks)[: section.limit or None] if section.source == "env" else data_section_tasks(section)
         if section.eval_size >= len(tasks):
             raise ConfigError(f"data.eval_size = {section.eval_size} holds out all {len(tasks)} tasks of {section.path or section.source}, "
                               "leaving none to train on: lower data.eval_size")
@@ -132,6 +165,8 @@ def load_tasks(section: DataSection) -> tuple[list[Task], list[Task]]:
 def data_section_tasks(section: DataSection) -> list[Task]:
     """The tasks of a file, Hub dataset or built-in set named by a data section (source other than 'arithmetic')."""
     limit = section.limit or None
+    if section.source == "python":
+        return python_tasks(section.path, limit=limit)
     if section.source in BUILTIN_DATASETS:
         if section.path or section.fields != type(section.fields)():
             raise ConfigError(f"data.source = {section.source!r} is a built-in set with its own columns: unset data.path and data.fields, "
@@ -150,6 +185,29 @@ def data_section_tasks(section: DataSection) -> list[Task]:
         found = "is a directory" if path.is_dir() else "not found"
         raise ConfigError(f"data.path {section.path!r} is not a file: {path.resolve()} {found}")
     return load_task_file(path, fields=fields, limit=limit)
+
+
+def python_tasks(target: str, *, limit: int | None = None) -> list[Task]:
+    """The tasks `module:function` returns (an iterable of Task, or of dicts with Task's fields), for data.source = 'python'."""
+    module_name, _, function_name = target.partition(":")
+    if not module_name or not function_name:
+        raise ConfigError(f"data.path {target!r} must be 'module:function' for data.source = 'python', e.g. 'my_tasks:make_tasks'")
+    try:
+        function = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as error:
+        raise ConfigError(f"data.path {target!r}: {type(error).__name__}: {error} (the module must be importable: on PYTHONPATH "
+                          "or installed)") from error
+    tasks: list[Task] = []
+    for i, item in enumerate(function()):
+        if limit is not None and i >= limit:
+            break
+        try:
+            tasks.append(item if isinstance(item, Task) else Task.model_validate(item))
+        except ValidationError as error:
+            raise TaskError(f"{target}() item {i} is not a Task: {error.errors()[0]['msg']} at {error.errors()[0]['loc']}") from error
+    if not tasks:
+        raise ConfigError(f"{target}() returned no tasks")
+    return tasks
 
 
 def resolve_model(section: ModelSection, work_dir: Path) -> Path:
@@ -184,8 +242,8 @@ def train_from_config(config: Path | None, overrides: list[str], run_dir: Path, 
         cfg = load_config(TrainConfig, config, overrides)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return train_on_ranks(cfg, run_dir, resume=resume)
-    train_tasks, eval_tasks = load_tasks(cfg.data)
     make_env = env_factory(cfg.env)
+    train_tasks, eval_tasks = run_tasks(cfg, make_env, cfg.env.id)
     model_dir = resolve_model(cfg.model, RunDir(run_dir).path)  # RunDir refuses an unwritable directory before a model is built in it
     return train(cfg, run_dir, env_factory=make_env, model_dir=model_dir, train_tasks=train_tasks, eval_tasks=eval_tasks, resume=resume)
 
@@ -199,8 +257,8 @@ def train_on_ranks(cfg: TrainConfig, run_dir: Path, *, resume: bool) -> list[dic
     if not cfg.engine.servers:
         raise ConfigError("alp train under torchrun needs its rollouts on vLLM servers: pass --server URL (engine.servers); "
                           "one in-process engine per rank would each sample and take the weights")
-    train_tasks, eval_tasks = load_tasks(cfg.data)  # on every rank, so that bad data stops them all before any work
     make_env = env_factory(cfg.env)
+    train_tasks, eval_tasks = run_tasks(cfg, make_env, cfg.env.id)  # on every rank: bad data stops them all before any work
     training_device()  # this rank's GPU is set before NCCL starts: the first broadcast below already runs on it
     dist.init_process_group()  # gloo for CPU tensors, NCCL for CUDA ones
     try:

@@ -8,7 +8,7 @@ import asyncio
 
 import gymnasium
 
-from alp_agents.envs import TextEnv, TurnResult
+from alp_agents.envs import Task, TextEnv, TurnResult
 
 
 class ParityEnv(TextEnv):
@@ -31,3 +31,12 @@ if "Parity-v0" not in gymnasium.registry:
     gymnasium.register("Parity-v0", entry_point=ParityEnv, disable_env_checker=True, order_enforce=False)
 if "WrappedParity-v0" not in gymnasium.registry:
     gymnasium.register("WrappedParity-v0", entry_point=ParityEnv)
+
+
+def make_tasks() -> list[Task]:
+    """Ten tasks of the parity env, for data.source = 'python' (path 'parity_envs:make_tasks')."""
+    return [Task(id=f"say-{i}", prompt=f"Say something {i} times.", answer="") for i in range(10)]
+
+
+if "TaskedParity-v0" not in gymnasium.registry:  # an env that brings its own tasks
+    gymnasium.register("TaskedParity-v0", entry_point=ParityEnv, kwargs={"tasks": make_tasks()})

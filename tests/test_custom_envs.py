@@ -11,9 +11,10 @@ import pytest
 
 from alp_agents.envs import Task, TextEnv
 from alp_agents.errors import ConfigError, EpisodesFailed
-from alp_agents.jobs import env_factory
+from alp_agents.config import load_config_data
+from alp_agents.jobs import env_factory, run_tasks
 from alp_agents.trainers.loop import check_failures
-from alp_agents.trainers.run_config import EnvSection
+from alp_agents.trainers.run_config import EnvSection, TrainConfig
 from alp_agents.trajectory import Trajectory
 from test_train_loop import train_in_process
 
@@ -69,3 +70,42 @@ def test_a_high_failure_rate_warns_with_the_first_error(caplog):
         "1 of 2 episodes of a batch failed (above rollout.warn_failure_rate = 0.25); the first error: ToolFailure: boom"]
     with pytest.raises(EpisodesFailed, match="every episode of a batch failed \\(2 of 2\\); the first error: ToolFailure: boom"):
         check_failures([episode("error", "ToolFailure: boom"), episode("error", "Other")], "a batch", warn_above=0.25)
+
+
+# --- Where a run's tasks come from: [data], or the environment's own.
+
+
+def tasks_of(config: dict) -> tuple[list[Task], list[Task], str]:
+    cfg = load_config_data(TrainConfig, config)
+    train, held_out = run_tasks(cfg, env_factory(cfg.env), cfg.env.id)
+    return train, held_out, cfg.data.source
+
+
+def test_an_env_with_its_own_tasks_trains_on_them_when_data_is_left_out():
+    train, held_out, source = tasks_of({"env": {"id": "parity_envs:TaskedParity-v0"}})
+    assert source == "env"  # resolved in the config the run saves, so that --resume reads the same tasks
+    assert len(held_out) == 2 and len(train) == 8  # a fifth held out of the env's 10 tasks
+    assert {t.id for t in train + held_out} == {f"say-{i}" for i in range(10)}
+
+
+def test_data_overrides_the_envs_own_tasks():
+    train, held_out, source = tasks_of({"env": {"id": "parity_envs:TaskedParity-v0"}, "data": {"source": "arithmetic", "train_size": 5,
+                                                                                                "eval_size": 1}})
+    assert source == "arithmetic" and len(train) == 5 and len(held_out) == 1 and train[0].id.startswith("arith")
+
+
+def test_a_custom_env_without_tasks_and_without_data_is_refused_not_fed_arithmetic():
+    with pytest.raises(ConfigError, match=r"'parity_envs:Parity-v0' has no tasks of its own .* no \[data\] section"):
+        tasks_of({"env": {"id": "parity_envs:Parity-v0"}})
+    _, _, source = tasks_of({"env": {"id": "alp_agents/ToolMath-v0"}})  # the built-in envs default to arithmetic
+    assert source == "arithmetic"
+
+
+def test_tasks_from_a_python_function():
+    train, held_out, source = tasks_of({"env": {"id": "parity_envs:Parity-v0"},
+                                        "data": {"source": "python", "path": "parity_envs:make_tasks", "eval_size": 3}})
+    assert (len(train), len(held_out), source) == (7, 3, "python")
+    for path, message in [("parity_envs", "must be 'module:function'"), ("parity_envs:nope", "AttributeError"),
+                          ("no_such_module:f", "ModuleNotFoundError: No module named 'no_such_module'.*must be importable")]:
+        with pytest.raises(ConfigError, match=message):
+            tasks_of({"env": {"id": "parity_envs:Parity-v0"}, "data": {"source": "python", "path": path}})

@@ -158,7 +158,7 @@ def test_builtin_sets_in_a_run_config():
     first_200 = load_builtin_tasks("math500")[:200]
     assert len(train) == 150 and len(held_out) == 50
     assert {t.id for t in train + held_out} == {t.id for t in first_200}
-    assert typing.get_args(DataSection.model_fields["source"].annotation) == ("arithmetic", "file", "jsonl", "hub", *BUILTIN_DATASETS)
+    assert typing.get_args(DataSection.model_fields["source"].annotation) == ("auto", "env", "arithmetic", "file", "jsonl", "hub", "python", *BUILTIN_DATASETS)
     assert list(FieldsSection.model_fields) == list(FieldMap.model_fields)  # the config's columns are the loader's
 
 

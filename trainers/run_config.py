@@ -57,12 +57,16 @@ class FieldsSection(Config):
 
 
 class DataSection(Config):
-    source: Literal["arithmetic", "file", "jsonl", "hub", "gsm8k", "math500", "aime24", "aime25", "minerva", "olympiadbench"] = "arithmetic"
-    """'arithmetic': seeded synthetic word problems; 'file' ('jsonl' is its old name): the .jsonl, .json, .csv or .parquet
-    file at data.path; 'hub': the Hugging Face Hub dataset data.path; or a built-in eval set by name (gsm8k, math500, aime24,
-    aime25, minerva, olympiadbench)."""
+    source: Literal["auto", "env", "arithmetic", "file", "jsonl", "hub", "python", "gsm8k", "math500", "aime24", "aime25", "minerva",
+                    "olympiadbench"] = "auto"
+    """'auto': the environment's own tasks (TextEnv(tasks=...)) when it has some, else synthetic arithmetic (a custom env with
+    no tasks and no [data] section fails instead); 'env': the environment's own tasks; 'arithmetic': seeded synthetic word
+    problems; 'file' ('jsonl' is its old name): the .jsonl, .json, .csv or .parquet file at data.path; 'hub': the Hugging Face
+    Hub dataset data.path; 'python': the tasks a function returns, data.path = 'module:function'; or a built-in eval set by
+    name (gsm8k, math500, aime24, aime25, minerva, olympiadbench)."""
     path: str = ""
-    """The task file (source = 'file') or Hub dataset id, e.g. 'openai/gsm8k' (source = 'hub')."""
+    """The task file (source = 'file'), Hub dataset id, e.g. 'openai/gsm8k' (source = 'hub'), or 'module:function' returning
+    an iterable of Task (source = 'python')."""
     fields: FieldsSection = Field(default_factory=FieldsSection)
     """Columns of a file or Hub dataset, e.g. {prompt = "question", answer = "final", id = "uid"}."""
     subset: str = ""
