@@ -15,6 +15,7 @@ import gymnasium
 from alp_agents.envs.base import AssistantText, MessageList, ResetInfo, StepInfo, TextEnv, ToolCallStyle, TurnResult
 from alp_agents.envs.checker import check_env
 from alp_agents.envs.grading import extract_answer, grade, is_equivalent
+from alp_agents.envs.matching import AnswerMatch, answer_matcher
 from alp_agents.envs.math_env import MathEnv
 from alp_agents.envs.tasks import (
     BUILTIN_DATASETS,
@@ -41,6 +42,7 @@ for _env_id, _entry_point in BUILTIN_ENVS.items():
         gymnasium.register(_env_id, entry_point=_entry_point, disable_env_checker=True, order_enforce=False)
 
 __all__ = [
+    "AnswerMatch",
     "AssistantText",
     "BUILTIN_DATASETS",
     "BUILTIN_ENVS",
@@ -55,6 +57,7 @@ __all__ = [
     "ToolCallStyle",
     "ToolEnv",
     "TurnResult",
+    "answer_matcher",
     "arithmetic_tasks",
     "check_env",
     "extract_answer",

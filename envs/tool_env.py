@@ -24,7 +24,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from alp_agents.envs.base import GRADING_THREADS, TextEnv, ToolCallStyle, TurnResult
-from alp_agents.envs.grading import extract_answer, is_equivalent
+from alp_agents.envs.grading import extract_answer
+from alp_agents.envs.matching import AnswerMatch, Matcher, answer_matcher
 from alp_agents.envs.tasks import Task
 from alp_agents.errors import EnvError, ToolError
 from alp_agents.tools import BUILTIN_TOOLS, Tool, ToolCallError, ToolRegistry
@@ -61,6 +62,7 @@ class ToolEnv(TextEnv):
         format_penalty: float = 0.0,
         system_prompt: str | None = None,
         grade_timeout_s: float = 2.0,
+        answer_match: AnswerMatch | str | Matcher = "math",
     ) -> None:
         """`tools`: the registry the model may call (default: a calculator; the caller keeps
         ownership of a registry it passes, so one registry can serve many envs), or tool names as a
@@ -96,6 +98,8 @@ class ToolEnv(TextEnv):
         self.max_tool_output_chars = max_tool_output_chars
         self.format_penalty = format_penalty
         self.grade_timeout_s = grade_timeout_s
+        self.answer_matches = answer_matcher(answer_match, timeout_s=grade_timeout_s)
+        """(answer, gold) -> bool: how a final answer is graded (`answer_match`: math, exact, numeric, or a function)."""
 
     def close(self) -> None:
         """Close the tools (and their sandboxes) if this env made them; a registry passed in stays open."""
@@ -135,7 +139,7 @@ class ToolEnv(TextEnv):
         answer = extract_answer(action)
         if answer is None:  # the model stopped without calling a tool or answering
             return TurnResult(reward=-self.format_penalty, terminated=True, void_turn=True)
-        correct = await GRADING_THREADS.run(is_equivalent, answer, self.task.answer, timeout_s=self.grade_timeout_s)
+        correct = bool(await GRADING_THREADS.run(self.answer_matches, answer, self.task.answer))
         return TurnResult(reward=float(correct), terminated=True, answer=answer, correct=correct)
 
     async def _reply(self, call: ToolCall | ToolCallError) -> tuple[Message, bool]:

@@ -109,3 +109,39 @@ def test_tasks_from_a_python_function():
                           ("no_such_module:f", "ModuleNotFoundError: No module named 'no_such_module'.*must be importable")]:
         with pytest.raises(ConfigError, match=message):
             tasks_of({"env": {"id": "parity_envs:Parity-v0"}, "data": {"source": "python", "path": path}})
+
+
+# --- Pluggable answer matching.
+
+
+@pytest.mark.parametrize(("match", "answer", "gold", "expected"), [
+    ("math", "\\frac{1}{2}", "0.5", True),
+    ("exact", "2024-05-01", "2024-04-02", False),
+    ("exact", "$\\text{NaCl}$", "NaCl", True),
+    ("exact", "\\frac{1}{2}", "0.5", False),
+    ("numeric", "1,000", "1000.0", True),
+    ("numeric", "1e3", "1000", True),
+    ("numeric", "\\frac{1}{2}", "0.5", False),  # not a number as written
+    ("numeric", "0.333", "0.3333", False),
+])  # fmt: skip
+def test_answer_matchers_by_name(match, answer, gold, expected):
+    from alp_agents.envs.matching import answer_matcher
+
+    assert answer_matcher(match)(answer, gold) is expected
+
+
+def test_envs_take_a_matcher_by_name_function_or_import_path():
+    from alp_agents.envs import MathEnv, ToolEnv
+
+    task = Task(id="date", prompt="Which day is 30 days after 2024-04-01?", answer="2024-05-01")
+
+    def reward(env, action: str) -> float:
+        asyncio.run(env.areset(seed=0, options={"task": task}))
+        return asyncio.run(env.astep(action))[1]
+
+    assert reward(ToolEnv(answer_match="exact"), "\\boxed{2024-05-01}") == 1.0
+    assert reward(ToolEnv(answer_match="exact"), "\\boxed{2024-04-02}") == 0.0
+    assert reward(MathEnv(answer_match=lambda answer, gold: answer[-2:] == gold[-2:]), "\\boxed{1999-01-01}") == 1.0
+    assert reward(MathEnv(answer_match="alp_agents.envs.matching:exact_match"), "\\boxed{2024-05-01}") == 1.0
+    with pytest.raises(Exception, match="answer_match must be one of 'math', 'exact', 'numeric'"):
+        ToolEnv(answer_match="fuzzy")
