@@ -66,16 +66,19 @@ def generate(
 @app.command("make-demos")
 def make_demos(
     out: Annotated[Path, typer.Option(help="JSON Lines file to write.")],
-    n: Annotated[int, typer.Option(help="Number of demonstrations.")] = 500,
-    difficulty: Annotated[int, typer.Option(help="Difficulty of the synthetic arithmetic tasks (1-3).")] = 2,
-    seed: Annotated[int, typer.Option(help="Seed of the tasks.")] = 0,
+    env: EnvId = "alp_agents/ToolMath-v0",
     env_args: EnvArgs = "{}",
+    data: Annotated[Optional[str], typer.Option(help="Tasks (as for alp eval); default: the env's own, else --n arithmetic problems.")] = None,
+    n: Annotated[int, typer.Option(help="Number of synthetic arithmetic tasks when --data is not given.")] = 500,
+    difficulty: Annotated[int, typer.Option(help="Difficulty of the synthetic arithmetic tasks (1-3).")] = 2,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic arithmetic tasks.")] = 0,
 ) -> None:
-    """Write expert demonstrations of the calculator tool env (for `alp sft`)."""
+    """Write demonstrations by the environment's scripted expert (expert_action), one per task, for `alp sft`."""
     from alp_agents import jobs
+    from alp_agents.trainers.run_config import EnvSection
 
-    path = jobs.make_demos(out, n=n, difficulty=difficulty, seed=seed, env_kwargs=parse_env_args(env_args))
-    console.print(f"wrote {n} demonstrations to {path}")
+    path, count = jobs.make_demos(out, EnvSection(id=env, kwargs=parse_env_args(env_args)), data, n=n, difficulty=difficulty, seed=seed)
+    console.print(f"wrote {count} demonstrations to {path}")
 
 
 @app.command()

@@ -32,7 +32,7 @@ from alp_agents.demonstrations import read_demonstrations, tokenize_demonstratio
 from alp_agents.engines.base import SamplingConfig
 from alp_agents.engines.factory import EngineSection, start_engine
 from alp_agents.engines.openai_server import WeightsTransport
-from alp_agents.envs import Task, arithmetic_tasks, split_tasks
+from alp_agents.envs import Task, TextEnv, arithmetic_tasks, split_tasks
 from alp_agents.envs.tasks import BUILTIN_DATASETS, FieldMap, TaskError, load_builtin_tasks, load_hub_tasks, load_task_file
 from alp_agents.envs.demos import make_demonstrations
 from alp_agents.errors import ConfigError, ModelError
@@ -287,11 +287,15 @@ def train_on_ranks(cfg: TrainConfig, run_dir: Path, *, resume: bool) -> list[dic
 # -- alp make-demos / alp sft -----------------------------------------------------------------------
 
 
-def make_demos(out: Path, *, n: int, difficulty: int, seed: int, env_kwargs: dict[str, Any]) -> Path:
-    """`alp make-demos`: n expert demonstrations on synthetic arithmetic in a ToolEnv."""
-    tasks = arithmetic_tasks(n, seed=seed, difficulty=difficulty)
-    make_env = built_once(lambda: alp_agents.envs.ToolEnv(**env_kwargs), EnvSection(id="alp_agents/ToolMath-v0", kwargs=env_kwargs))
-    return write_demonstrations(out, make_demonstrations(make_env, tasks))
+def make_demos(out: Path, env: EnvSection, data: str | None = None, *, n: int = 500, difficulty: int = 2, seed: int = 0) -> tuple[Path, int]:
+    """`alp make-demos`: one demonstration per task by the environment's scripted expert (TextEnv.expert_action).
+
+    The tasks: `data` (as `--data`), else the environment's own, else `n` synthetic arithmetic problems. Returns the
+    file and the number of demonstrations.
+    """
+    make_env = cast(Callable[[], TextEnv], env_factory(env))
+    tasks = tasks_from_argument(data) if data else environment_tasks(make_env) or arithmetic_tasks(n, seed=seed, difficulty=difficulty)
+    return write_demonstrations(out, make_demonstrations(make_env, tasks)), len(tasks)
 
 
 def sft(model_dir: Path, demos: Path, out: Path, cfg: SFTConfig) -> list[dict[str, float]]:

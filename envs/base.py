@@ -213,6 +213,11 @@ class TextEnv(gymnasium.Env[list[Message], str]):
         system = self.system_prompt if task.system is None else task.system
         return [*([Message(role="system", content=system)] if system else []), Message(role="user", content=task.prompt)]
 
+    def expert_action(self, conversation: list[Message]) -> str | None:
+        """A scripted expert's next assistant text in the current episode, given the conversation so far (for
+        `alp make-demos`: demonstrations to warm-start a model by SFT); None: this environment has no expert."""
+        return None
+
     def tool_schemas(self) -> list[dict[str, Any]]:
         """JSON schemas of the tools the model may call (none by default)."""
         return []

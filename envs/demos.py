@@ -1,10 +1,12 @@
-"""Demonstrations of the tool-call format, played by a scripted expert in a real ToolEnv.
+"""Demonstrations played by an environment's scripted expert (`TextEnv.expert_action`), in a real environment.
 
-For synthetic arithmetic tasks (whose `metadata["expression"]` holds the arithmetic behind the
-word problem) the expert calls the calculator on that expression (or prints it from a ```python
-block, in python style), reads the tool's reply, and answers `\\boxed{<reply>}`. The tools really
-run, so a demonstration shows exactly the messages an episode would contain. The tiny default
-model learns the format from these before RL (`alp make-demos`, then `alp sft`).
+The expert writes each assistant turn; the environment answers it as in any episode (tools really run), so a
+demonstration shows exactly the messages an episode would contain, and it is kept only if the episode ends graded
+correct. `alp make-demos --env ID --data TASKS` writes them; `alp sft` learns the format from them before RL.
+
+ToolEnv's expert knows synthetic arithmetic tasks (whose `metadata["expression"]` holds the arithmetic behind the
+word problem): it calls the calculator on that expression (or prints it from a ```python block, in python style),
+reads the tool's reply, and answers `\\boxed{<reply>}` (`calculator_expert`).
 """
 
 from __future__ import annotations
@@ -13,38 +15,45 @@ import json
 from collections.abc import Callable, Sequence
 
 from alp_agents.demonstrations import Demonstration
+from alp_agents.envs.base import TextEnv
 from alp_agents.envs.tasks import Task
-from alp_agents.envs.tool_env import ToolEnv
 from alp_agents.errors import EnvError
 from alp_agents.trajectory import Message
 
 
-def expert_call(expression: str, style: str) -> str:
-    """The assistant text that computes `expression` with the env's tool, in the env's call style."""
+def calculator_expert(task: Task, conversation: list[Message], style: str) -> str | None:
+    """ToolEnv's expert: compute the task's expression with the tool, then box the tool's reply; None for other tasks."""
+    expression = task.metadata.get("expression")
+    if not expression:
+        return None
+    results = [message for message in conversation if message.role == "tool"]
+    if results:
+        return f"The answer is \\boxed{{{results[-1].content.strip()}}}."
     if style == "python":
         return f"```python\nprint({expression})\n```"
     return f"<tool_call>\n{json.dumps({'name': 'calculator', 'arguments': {'expression': expression}})}\n</tool_call>"
 
 
-def demonstrate(env: ToolEnv, task: Task) -> Demonstration:
-    """Play `task` in `env` with the scripted expert; raise EnvError if the expert's answer is not graded correct."""
-    expression = task.metadata.get("expression")
-    if not expression:
-        raise EnvError(f"task {task.id!r} has no metadata['expression']: the expert only knows synthetic arithmetic tasks")
-    messages, info = env.reset(options={"task": task})
-    call = expert_call(expression, env.tool_call_style)
-    results, _, terminated, _, _ = env.step(call)
-    if terminated or not results:
-        raise EnvError(f"task {task.id!r}: the env ended the episode at the expert's tool call")
-    answer = f"The answer is \\boxed{{{results[0].content.strip()}}}."
-    _, reward, terminated, _, step_info = env.step(answer)
-    if not (terminated and step_info["correct"]):
-        raise EnvError(f"task {task.id!r}: the expert's answer {answer!r} was graded wrong (gold {task.answer!r})")
-    conversation = messages + [Message(role="assistant", content=call), *results, Message(role="assistant", content=answer)]
-    return Demonstration(messages=conversation, tools=info["tools"])
+def demonstrate(env: TextEnv, task: Task) -> Demonstration:
+    """Play `task` in `env` with its scripted expert; EnvError if it has none or its episode is not graded correct."""
+    conversation, info = env.reset(options={"task": task})
+    for _ in range(env.max_turns):
+        action = env.expert_action(conversation)
+        if action is None:
+            raise EnvError(f"{type(env).__name__} has no scripted expert for task {task.id!r}: define expert_action(conversation) "
+                           "on the environment to make demonstrations")
+        replies, _, terminated, truncated, step_info = env.step(action)
+        conversation = [*conversation, Message(role="assistant", content=action)]
+        if terminated or truncated:  # what the env says after the last answer is not part of the demonstration
+            if not step_info.get("correct"):
+                raise EnvError(f"task {task.id!r}: the expert's episode was not graded correct (gold {task.answer!r}, "
+                               f"last action {action!r})")
+            return Demonstration(messages=conversation, tools=info.get("tools", []))
+        conversation += replies
+    raise EnvError(f"task {task.id!r}: the expert did not finish within {env.max_turns} turns")
 
 
-def make_demonstrations(env_factory: Callable[[], ToolEnv], tasks: Sequence[Task]) -> list[Demonstration]:
+def make_demonstrations(env_factory: Callable[[], TextEnv], tasks: Sequence[Task]) -> list[Demonstration]:
     """One expert demonstration per task, each in a fresh env."""
     demos = []
     for task in tasks:

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from alp_agents.envs.base import GRADING_THREADS, TextEnv, ToolCallStyle, TurnResult
+from alp_agents.envs.demos import calculator_expert
 from alp_agents.envs.grading import extract_answer
 from alp_agents.envs.matching import AnswerMatch, Matcher, answer_matcher
 from alp_agents.envs.tasks import Task
@@ -113,6 +114,10 @@ class ToolEnv(TextEnv):
         if unknown:
             raise EnvError(f"task {task.id!r} lists tools {unknown} that this env does not have; its tools: {', '.join(self.tools.names)}")
         return super().opening(task)
+
+    def expert_action(self, conversation: list[Message]) -> str | None:
+        """The calculator expert (alp_agents.envs.demos.calculator_expert) on synthetic arithmetic tasks; None on others."""
+        return calculator_expert(self.task, conversation, self.tool_call_style)
 
     def tool_schemas(self) -> list[dict[str, Any]]:
         """The registry's function schemas (the chat template shows them to the model), less those the current

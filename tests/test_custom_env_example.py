@@ -51,6 +51,9 @@ class ReverseEnv(TextEnv):
         feedback = Message(role="user", content=f"Not yet: letter {wrong + 1} is wrong.")
         return TurnResult(messages=[feedback], answer=guess or None, correct=False, void_turn=not guess)
 
+    def expert_action(self, conversation: list[Message]) -> str:
+        return self.task.answer  # optional: the scripted expert that `alp make-demos` records
+
 
 check_env(ReverseEnv(["gradient", "policy", "token"]))
 # --- end of README ----------------------------------------------------------------------------
@@ -95,5 +98,6 @@ def test_the_from_scratch_example_gives_feedback_until_solved_or_out_of_turns():
         assert [reverse.step("no")[3] for _ in range(3)] == [False, False, True]  # the third wrong try truncates
 
 
-def test_the_from_scratch_example_implements_only_respond():
-    assert [name for name, _ in inspect.getmembers(ReverseEnv, inspect.isfunction) if name in vars(ReverseEnv)] == ["__init__", "respond"]
+def test_the_from_scratch_example_implements_only_respond_and_an_optional_expert():
+    defined = [name for name, _ in inspect.getmembers(ReverseEnv, inspect.isfunction) if name in vars(ReverseEnv)]
+    assert defined == ["__init__", "expert_action", "respond"]

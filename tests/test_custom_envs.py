@@ -145,3 +145,38 @@ def test_envs_take_a_matcher_by_name_function_or_import_path():
     assert reward(MathEnv(answer_match="alp_agents.envs.matching:exact_match"), "\\boxed{2024-05-01}") == 1.0
     with pytest.raises(Exception, match="answer_match must be one of 'math', 'exact', 'numeric'"):
         ToolEnv(answer_match="fuzzy")
+
+
+# --- Demonstrations for any environment with a scripted expert.
+
+
+def test_make_demos_for_the_readmes_env_uses_its_own_tasks_and_expert(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from alp_agents.demonstrations import read_demonstrations
+
+    module = tmp_path / "reverse_env.py"  # the README's ReverseEnv in a user's module, registered the usual way
+    example = (Path(__file__).parent / "test_custom_env_example.py").read_text()
+    code = example[example.index("# --- README: an environment from scratch"):example.index("check_env(ReverseEnv")]
+    module.write_text(code + 'import gymnasium\ngymnasium.register("Reverse-v0", entry_point=ReverseEnv, kwargs={"words": ["gradient", "policy"]})\n')
+    out = tmp_path / "demos.jsonl"
+    done = subprocess.run([sys.executable, "-m", "alp_agents.cli", "make-demos", "--env", "reverse_env:Reverse-v0", "--out", str(out)],
+                          capture_output=True, text=True, cwd=tmp_path, env={**__import__("os").environ, "PYTHONPATH": str(tmp_path)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    demos = read_demonstrations(out)
+    assert [d.messages[-1].content for d in demos] == ["tneidarg", "ycilop"]
+    assert [m.role for m in demos[0].messages] == ["user", "assistant"]
+
+
+def test_make_demos_for_the_calculator_env_and_an_env_without_expert(tmp_path):
+    from alp_agents import jobs
+    from alp_agents.demonstrations import read_demonstrations
+
+    path, count = jobs.make_demos(tmp_path / "calc.jsonl", EnvSection(), "arithmetic:3:1:5")
+    demos = read_demonstrations(path)
+    assert count == 3 and [m.role for m in demos[0].messages] == ["system", "user", "assistant", "tool", "assistant"]
+    assert "<tool_call>" in demos[0].messages[2].content and "\\boxed{" in demos[0].messages[4].content
+    with pytest.raises(Exception, match="ParityEnv has no scripted expert for task 'say-0': define expert_action"):
+        jobs.make_demos(tmp_path / "none.jsonl", EnvSection(id="parity_envs:TaskedParity-v0"))

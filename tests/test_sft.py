@@ -9,6 +9,7 @@ from alp_agents import jobs
 from alp_agents.demonstrations import TokenizedExample, tokenize_demonstration
 from alp_agents.envs import ToolEnv, arithmetic_tasks
 from alp_agents.envs.demos import make_demonstrations
+from alp_agents.trainers.run_config import EnvSection
 from alp_agents.trainers.sft import SFTConfig, pad_examples, run_sft, sft_loss
 
 
@@ -39,7 +40,7 @@ def test_sft_lowers_the_loss_on_its_demonstrations(tiny_model_dir):
 
 
 def test_schema_free_epochs_train_first_on_prompts_without_the_tool_schema(tiny_model_dir, tmp_path, monkeypatch):
-    demos = jobs.make_demos(tmp_path / "demos.jsonl", n=8, difficulty=1, seed=0, env_kwargs={})
+    demos, _ = jobs.make_demos(tmp_path / "demos.jsonl", EnvSection(), n=8, difficulty=1, seed=0)
     stages: list[list[TokenizedExample]] = []
 
     def recording_run_sft(model, examples, cfg, **kwargs):
