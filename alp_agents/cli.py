@@ -115,7 +115,9 @@ def train_command(
     rows = jobs.train_from_config(config, (overrides or []) + extra, run_dir, resume=resume)
     if not rows:
         return
-    console.print(f"done: iteration {rows[-1]['iteration']}; metrics, checkpoint and plots in {run_dir}")
+    model = run_dir / "checkpoint" / "model"
+    console.print(f"done: iteration {rows[-1]['iteration']}; metrics, checkpoint and plots in {run_dir}; the trained model is {model} "
+                  f"(alp eval --model {model} ...; more iterations: alp train --run-dir {run_dir} --resume --set schedule.iterations=N)")
     if problem := why_never_updated(rows):
         stderr.print("[bold red]warning:[/]", escape(problem))
         raise SystemExit(NEVER_UPDATED_EXIT_CODE)

@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import alp_agents.envs  # noqa: F401 - registers the built-in environments with gymnasium
 from alp_agents.chat import load_tokenizer
-from alp_agents.config import load_config
+from alp_agents.config import apply_overrides, load_config, load_config_data
 from alp_agents.demonstrations import read_demonstrations, tokenize_demonstration, write_demonstrations
 from alp_agents.engines.base import SamplingConfig
 from alp_agents.engines.factory import EngineSection, start_engine
@@ -232,12 +232,26 @@ def model_directory(path: str | Path, *, option: str) -> Path:
 # -- alp train ------------------------------------------------------------------------------------
 
 
+RESUMABLE_OVERRIDES = ("schedule.iterations=", "schedule.eval_every=", "schedule.checkpoint_every=")
+"""What `--set` may change when resuming: how long the run goes on, and how often it evaluates and saves."""
+
+
+def resumed_config(run_dir: Path, overrides: list[str]) -> TrainConfig:
+    """The run's saved config, with the `--set` overrides a resumed run allows (RESUMABLE_OVERRIDES); ConfigError for others."""
+    changed = [o for o in overrides if not o.startswith(RESUMABLE_OVERRIDES)]
+    if changed:
+        raise ConfigError(f"--resume continues a run with its saved config; drop {' '.join(changed)} (with --resume, --set may change "
+                          f"only {', '.join(o.rstrip('=') for o in RESUMABLE_OVERRIDES)}: anything else would make it another run)")
+    saved = RunDir(run_dir).read_config(TrainConfig)
+    return load_config_data(TrainConfig, apply_overrides(saved.model_dump(mode="json"), overrides), overrides=overrides)
+
+
 def train_from_config(config: Path | None, overrides: list[str], run_dir: Path, *, resume: bool = False) -> list[dict[str, Any]]:
     """`alp train`: load the config (or the run's own config when resuming) and run the loop (on every rank under torchrun)."""
     if resume:
-        cfg = RunDir(run_dir).read_config(TrainConfig)
-        if config is not None or overrides:
-            raise ConfigError("--resume continues a run with its saved config; drop --config and --set")
+        if config is not None:
+            raise ConfigError("--resume continues a run with its saved config; drop --config")
+        cfg = resumed_config(run_dir, overrides)
     else:
         cfg = load_config(TrainConfig, config, overrides)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:

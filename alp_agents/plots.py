@@ -34,15 +34,32 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     out = run_dir / "plots"
     out.mkdir(parents=True, exist_ok=True)
     sigma_keys = sorted({k for row in rows for k in row if k.startswith("sigma/") and k not in ("sigma/min", "sigma/mean", "sigma/max")})
-    figures = [
-        _lines(rows, ["rollout/mean_reward", "rollout/avg_at_k", "eval/avg_at_k", "eval/pass_at_k"], "Reward and accuracy", "value", out / "reward.png"),
-        _ratio_envelope(rows, out / "ratio_envelope.png"),
-        _lines(rows, ["kl/k1", "kl/k3", "mismatch/k3", "mismatch/chi2"], "KL and chi-square (behaviour vs trained policy)", "estimate", out / "kl.png"),
-        _lines(rows, sigma_keys, "Perturbation sigma per layer", "sigma", out / "sigma.png", log_y=True),
-        _lines(rows, ["entropy/mean", "rollout/sampled_tokens_per_episode"], "Entropy and response length", "value", out / "entropy_length.png", twin=True),
-        _staleness(rows, out / "staleness.png"),
-    ]
-    return [f for f in figures if f is not None]
+    figures = {
+        "reward.png": _lines(rows, ["rollout/mean_reward", "rollout/avg_at_k", "eval/avg_at_k", "eval/pass_at_k"], "Reward and accuracy",
+                             "value", out / "reward.png"),
+        "ratio_envelope.png": _ratio_envelope(rows, out / "ratio_envelope.png"),
+        "kl.png": _lines(rows, ["kl/k1", "kl/k3", "mismatch/k3", "mismatch/chi2"], "KL and chi-square (behaviour vs trained policy)",
+                         "estimate", out / "kl.png"),
+        "sigma.png": _lines(rows, sigma_keys, "Perturbation sigma per layer", "sigma", out / "sigma.png", log_y=True),
+        "entropy_length.png": _lines(rows, ["entropy/mean", "rollout/sampled_tokens_per_episode"], "Entropy and response length", "value",
+                                     out / "entropy_length.png", twin=True),
+        "staleness.png": _staleness(rows, out / "staleness.png"),
+    }
+    for name, figure in figures.items():
+        if figure is None:  # said once, so that a missing figure is not a mystery
+            print(f"plots: no {name}: {SKIPPED_BECAUSE[name]}", flush=True)
+    return [f for f in figures.values() if f is not None]
+
+
+SKIPPED_BECAUSE = {
+    "reward.png": "no iteration logged a reward yet",
+    "ratio_envelope.png": "no update step ran (every batch was skipped, or the run stopped before its first update)",
+    "kl.png": "no update step ran",
+    "sigma.png": "no sigma/* metrics (trainer.algo is not alp, or no update step ran)",
+    "entropy_length.png": "no update step or rollout logged them",
+    "staleness.png": "no update step ran",
+}
+"""Why a figure was not drawn: the metrics it plots were never logged."""
 
 
 def _series(rows: list[Row], key: str, *, positive: bool = False) -> tuple[list[float], list[float]]:
@@ -60,7 +77,9 @@ def _lines(rows: list[Row], keys: list[str], title: str, ylabel: str, path: Path
     axes = [ax, ax.twinx()] if twin and len(present) == 2 else [ax] * len(present)
     for i, (key, axis) in enumerate(zip(present, axes)):
         x, y = _series(rows, key, positive=log_y)
-        axis.plot(x, y, marker="." if len(x) < 50 else None, color=f"C{i}", label=key)
+        # Series often coincide (mean reward = accuracy when the reward is correctness): styles keep each one visible.
+        axis.plot(x, y, marker=".osd^v"[i % 6] if len(x) < 50 else None, linestyle=("-", "--", ":", "-.")[i % 4], color=f"C{i}",
+                  label=key, alpha=0.85)
         if twin and len(present) == 2:
             axis.set_ylabel(key, color=f"C{i}")
     if not (twin and len(present) == 2):

@@ -180,3 +180,27 @@ def test_make_demos_for_the_calculator_env_and_an_env_without_expert(tmp_path):
     assert "<tool_call>" in demos[0].messages[2].content and "\\boxed{" in demos[0].messages[4].content
     with pytest.raises(Exception, match="ParityEnv has no scripted expert for task 'say-0': define expert_action"):
         jobs.make_demos(tmp_path / "none.jsonl", EnvSection(id="parity_envs:TaskedParity-v0"))
+
+
+# --- A finished run goes on with --resume and more iterations.
+
+
+def test_a_finished_run_is_extended_with_resume_and_more_iterations(tmp_path, tiny_model_dir, vllm_engine):
+    import json
+
+    from alp_agents import jobs
+    from alp_agents.trainers.loop import train
+    from alp_agents.trainers.run_dir import RunDir
+
+    first = train_in_process(tmp_path, tiny_model_dir, [], iterations=2, engine=vllm_engine)
+    assert first[-1]["iteration"] == 2
+    with pytest.raises(ConfigError, match=r"drop trainer.lr=1 \(with --resume, --set may change only schedule.iterations, "):
+        jobs.resumed_config(tmp_path / "run", ["schedule.iterations=3", "trainer.lr=1"])
+    cfg = jobs.resumed_config(tmp_path / "run", ["schedule.iterations=3"])
+    assert cfg.model_dump(exclude={"schedule"}) == RunDir(tmp_path / "run").read_config(TrainConfig).model_dump(exclude={"schedule"})
+    train_tasks, eval_tasks = jobs.load_tasks(cfg.data)
+    more = train(cfg, tmp_path / "run", env_factory=jobs.env_factory(cfg.env), model_dir=tiny_model_dir, train_tasks=train_tasks,
+                 eval_tasks=eval_tasks, resume=True, engine=vllm_engine, progress=False)
+    assert [row["iteration"] for row in more] == [3]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["schedule"]["iterations"] == 3  # a later --resume goes on from 3
+    assert json.loads((tmp_path / "run" / "checkpoint" / "loop.json").read_text())["iteration"] == 3
