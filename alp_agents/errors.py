@@ -2,6 +2,7 @@
 
     AlpError                      base class: catch this to catch everything below
     ├── ConfigError               a config file or override is invalid (names the field)
+    │   └── TaskError             a task file, row or source is malformed or missing (names the line/field)
     ├── TrajectoryError           a trajectory file or record is malformed (names the line/field)
     ├── ModelError                a model directory cannot be built or loaded
     ├── EngineError               the inference engine failed a request
@@ -30,6 +31,10 @@ class ConfigError(AlpError, ValueError):
 
 class TrajectoryError(AlpError, ValueError):
     """A trajectory record or JSON Lines file is malformed; the message names the field or line."""
+
+
+class TaskError(ConfigError):
+    """A task source is malformed or missing; the message names the file, line and field."""
 
 
 class ModelError(AlpError):

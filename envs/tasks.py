@@ -31,11 +31,7 @@ from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from alp_agents.errors import AlpError
-
-
-class TaskError(AlpError, ValueError):
-    """A task file or record is malformed; the message names the file, line and field."""
+from alp_agents.errors import TaskError
 
 
 class Task(BaseModel):
