@@ -1,7 +1,7 @@
 """Rollout statistics: accuracy (avg@k, pass@k), turns, tool use, errors, truncation, lengths.
 
 Pure functions of Trajectory records, shared by `alp eval` and the training loop's metrics. An
-episode is correct when its environment said so at the end (`metadata["correct"]`).
+episode is correct when its environment said so at the end (`Trajectory.correct`).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class RolloutStats(BaseModel):
 
 def is_correct(trajectory: Trajectory) -> bool:
     """Whether the environment graded the episode's final answer correct."""
-    return bool(trajectory.metadata.get("correct", False))
+    return bool(trajectory.correct)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

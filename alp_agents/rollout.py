@@ -41,7 +41,7 @@ from alp_agents.chat import continuation_token_ids, prompt_token_ids
 from alp_agents.config import Config
 from alp_agents.engines.base import InferenceEngine, SamplingConfig
 from alp_agents.errors import EngineUnavailable
-from alp_agents.trajectory import Message, ToolCall, Trajectory, Turn
+from alp_agents.trajectory import EpisodeFinish, Message, ToolCall, Trajectory, Turn
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +192,9 @@ class _Episode:
         self.turns: list[Turn] = []
         self.reward = 0.0
         self.versions: list[int] = []  # per token, aligned with token_ids: the sampling version, -1 where the loop inserted it
-        self.finish_reason = "max_turns"
+        self.finish_reason: EpisodeFinish = "max_turns"
+        self.correct: bool | None = None
+        self.answer: str | None = None
         self.metadata: dict[str, Any] = {}
 
     def append(self, token_ids: list[int], logprobs: list[float] | None = None, versions: list[int] | None = None) -> None:
@@ -236,8 +238,8 @@ class _Episode:
             self.turns.append(_turn(text, generation, generation_s, time.perf_counter() - start, new_messages, reward, step_info))
             if terminated or truncated:
                 self.finish_reason = "terminated" if terminated else "max_turns"
-                self.metadata["correct"] = bool(step_info.get("correct", False))
-                self.metadata["answer"] = step_info.get("answer")
+                self.correct = bool(step_info.get("correct", False))
+                self.answer = step_info.get("answer")
                 return
             continuation = ([] if ended_turn else [eos_id]) + continuation_token_ids(tokenizer, new_messages)
             if len(self.token_ids) + len(continuation) >= limits.max_total_tokens:
@@ -264,6 +266,8 @@ class _Episode:
             policy_version_last=sampled_by[-1] if sampled_by else None,
             token_policy_versions=self.versions,
             finish_reason=self.finish_reason,
+            correct=self.correct,
+            answer=self.answer,
             metadata=self.metadata,
         )
 

@@ -20,6 +20,8 @@ from pydantic_core import PydanticSerializationError
 from alp_agents.errors import TrajectoryError
 
 Role = Literal["system", "user", "assistant", "tool"]
+EpisodeFinish = Literal["", "terminated", "max_turns", "max_tokens", "context", "error"]
+"""Why an episode ended (see Trajectory.finish_reason); "" while it runs."""
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -156,11 +158,27 @@ class Trajectory(BaseModel):
     did not sample (prompt, tool output, template tokens the loop inserted). Every token with loss_mask 1
     has a version; a sampled token whose loss was masked afterwards (overlong masking) keeps its version.
     Empty in files written before it existed (versions unknown per token: use policy_version)."""
-    finish_reason: str = ""
+    finish_reason: EpisodeFinish = ""
     """Why the episode ended: 'terminated' (by the env), 'max_turns', 'max_tokens' (a turn hit its
     token limit), 'context' (the episode hit its total token limit) or 'error' (see metadata['error'])."""
+    correct: bool | None = None
+    """Whether the environment graded the final answer correct (None: it did not say, e.g. no answer was given)."""
+    answer: str | None = None
+    """The final answer the environment read from the last turn (None: none)."""
     metadata: dict[str, Any] = Field(default_factory=dict)
-    """Free-form extras (environment info, error message of a failed episode)."""
+    """Extras: the environment's own, the error of a failed episode, batch shaping's records."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _outcome_out_of_metadata(cls, data: Any) -> Any:
+        """Files written before `correct` and `answer` were fields kept them in metadata: read them from there."""
+        if isinstance(data, dict) and isinstance(data.get("metadata"), dict) and ("correct" in data["metadata"] or "answer" in data["metadata"]):
+            metadata = dict(data["metadata"])
+            data = {**data, "metadata": metadata}
+            for key in ("correct", "answer"):
+                if key in metadata:
+                    data.setdefault(key, metadata.pop(key))
+        return data
 
     @model_validator(mode="after")
     def _check_alignment(self) -> Trajectory:

@@ -166,7 +166,7 @@ def test_grading_does_not_wait_behind_a_busy_default_executor(tokenizer, make_en
             release.set()  # before asyncio.run joins the default executor's threads
 
     [t] = asyncio.run(main())
-    assert t.finish_reason == "terminated" and t.metadata["correct"] is True
+    assert t.finish_reason == "terminated" and t.correct is True
 
 
 # ---------------------------------------------------------------------------------------------

@@ -134,7 +134,7 @@ def test_masks_and_logprobs_of_a_tool_episode(tokenizer):
     engine = ScriptedEngine(tokenizer, replies)
     [t] = collect_sync(tool_env, [TASK], engine, tokenizer, sampling=SamplingConfig(), progress=False)
 
-    assert t.finish_reason == "terminated" and t.reward == 1.0 and t.metadata["correct"] is True
+    assert t.finish_reason == "terminated" and t.reward == 1.0 and t.correct is True
     assert [m.role for m in t.messages] == ["system", "user", "assistant", "tool", "assistant"]
     assert t.messages[3].content == "69104"  # the real calculator ran
     assert t.turns[0].tool_calls[0].arguments == {"expression": "1234 * 56"} and t.turns[0].tool_results == ["69104"]

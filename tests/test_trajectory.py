@@ -21,7 +21,7 @@ def make(**overrides) -> Trajectory:
         turns=[Turn(text="x", num_sampled_tokens=2)],
         group_id="g0",
         policy_version=3,
-        finish_reason="answer",
+        finish_reason="terminated",
     )
     fields.update(overrides)
     return Trajectory(**fields)
@@ -84,3 +84,12 @@ def test_lone_surrogates_never_stop_a_trajectory_from_being_written(tmp_path):
     assert trajectory.messages[0].content == "caf\ufffd 😀"  # replaced (and the pair joined) at the message boundary
     [read] = read_trajectories(write_trajectories(tmp_path / "t.jsonl", [trajectory]))
     assert read == trajectory and read.metadata["error"] == "ValueError: bad byte \udcff"
+
+
+def test_outcome_fields_are_typed_and_old_files_are_read():
+    old = make().model_dump() | {"metadata": {"correct": True, "answer": "2", "env": "x"}}
+    del old["correct"], old["answer"]
+    read = Trajectory.model_validate(old)  # a file written when the outcome was parked in metadata
+    assert (read.correct, read.answer, read.metadata) == (True, "2", {"env": "x"})
+    with pytest.raises(ValueError, match="finish_reason"):
+        make(finish_reason="stopped")
