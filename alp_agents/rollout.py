@@ -25,7 +25,6 @@ that overran its timeout meanwhile is failed once the loop runs again.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import sys
 import threading
@@ -41,6 +40,7 @@ from alp_agents.chat import continuation_token_ids, prompt_token_ids
 from alp_agents.config import Config
 from alp_agents.engines.base import InferenceEngine, SamplingConfig
 from alp_agents.errors import EngineUnavailable
+from alp_agents.seeding import derive_seed
 from alp_agents.trajectory import EpisodeFinish, Message, ToolCall, Trajectory, Turn
 
 logger = logging.getLogger(__name__)
@@ -219,7 +219,7 @@ class _Episode:
             start = time.perf_counter()
             request = {"max_tokens": budget}
             if sampling.seed is not None:  # reproducible sampling: each turn of each episode has its own seed
-                request["seed"] = _request_seed(sampling.seed, seed, len(self.turns))
+                request["seed"] = derive_seed(sampling.seed, seed, len(self.turns), bits=31)  # fits every engine's seed type
             generation = await engine.generate(self.token_ids, sampling.model_copy(update=request))
             generation_s = time.perf_counter() - start
             # mask 1: sampled by the policy, each token tagged with the weights version that sampled it
@@ -341,12 +341,6 @@ def _turn(text: str, generation: Any, generation_s: float, env_s: float, new_mes
         reward=float(reward),
         void=bool(info.get("void_turn", False)),
     )
-
-
-def _request_seed(*parts: int) -> int:
-    """A seed for one generate request, distinct for every (base seed, episode seed, turn)."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=4).digest()
-    return int.from_bytes(digest, "little") >> 1  # 31 bits: fits every engine's seed type
 
 
 def _task_id(task: Any) -> str:

@@ -35,7 +35,6 @@ first update's micro-batches for alp.
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import math
 import os
@@ -55,7 +54,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 
 from alp_agents.config import Config
 from alp_agents.errors import ConfigError, TrajectoryError
-from alp_agents.trajectory import Trajectory
+from alp_agents.seeding import derive_seed
 from alp_agents.trainers.advantages import grpo_advantages
 from alp_agents.trainers.batching import Batch, collate
 from alp_agents.trainers.logprobs import token_logprobs
@@ -72,6 +71,7 @@ from alp_agents.trainers.losses import (
 from alp_agents.trainers.metrics import advantage_metrics, loss_metrics, mismatch_metrics, sigma_metrics
 from alp_agents.trainers.perturbation import LayerPerturbation, LayerSelection
 from alp_agents.trainers.run_dir import LoopState, RunDir
+from alp_agents.trajectory import Trajectory
 
 logger = logging.getLogger(__name__)
 
@@ -321,7 +321,7 @@ class ALPTrainer:
         """The perturbation's `active` block for this micro-batch of the current update (a no-op without ALP)."""
         if self.perturbation is None:
             return nullcontext()
-        return self.perturbation.active(seed=noise_seed(self.cfg.seed, self.num_updates, micro_index, _rank()))
+        return self.perturbation.active(seed=derive_seed(self.cfg.seed, self.num_updates, micro_index, _rank()))
 
     def _clean_first_update(self, micro: list[list[Batch]], old: list[list[Tensor]] | None) -> list[Tensor] | None:
         """Noise-free log-probs of the first update's micro-batches before any weight change, for `mismatch/*`.
@@ -547,12 +547,6 @@ def merged_weights(model: PeftModel) -> dict[str, Tensor]:
                 tensor = tensor + adapted[owner].get_delta_weight(LORA_ADAPTER).to(tensor.dtype)
         weights[name] = tensor.detach()
     return weights
-
-
-def noise_seed(*parts: int) -> int:
-    """A 63-bit seed that differs for every (config seed, update, micro-batch, rank) combination."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
 
 
 def training_device() -> torch.device:
