@@ -1,6 +1,15 @@
-"""Benchmark: math grading accuracy, false positives and speed, ours vs Math-Verify on the same labelled set.
+"""Benchmark: math grading accuracy, false positives and speed, ours vs Math-Verify on the same labelled sets.
 
-The set is built from the public eval sets in ../shared/data (MATH-500, GSM8K, AIME 24/25, OlympiadBench, Minerva):
+Two suites, each graded by both in the same run:
+- pairs: labelled pairs built here from the public eval sets (below);
+- math_verify_suite: Math-Verify's own public regression tests (tests/data/math_verify_cases.jsonl, 264
+  (gold, prediction, expected) rows, vendored by benchmarks/extract_math_verify_cases.py: a suite this grader
+  was not built from). Ours: `grade(prediction, gold)`. Math-Verify twice: as its README calls it,
+  `verify(parse(gold), parse(prediction))`, and as its own tests call it (each test's extraction
+  targets, precision and options), which is the best it can do on its own suite.
+Then, when benchmarks/grading_latency.py is there, its latency figures (8 threads, 5% pathological inputs).
+
+The pairs are built from the public eval sets in ../shared/data (MATH-500, GSM8K, AIME 24/25, OlympiadBench, Minerva):
 - label True: each gold answer boxed in a response; the datasets' own worked solutions (MATH-500, GSM8K,
   Minerva); value-preserving rewrites of the gold (thousands separators, `a/b` for `\\frac{a}{b}`, exact
   decimals, `k\\sqrt{m}` as `\\sqrt{k^2 m}`, reordered sets and lists, swapped summands, `x = ...`,
@@ -11,10 +20,10 @@ The set is built from the public eval sets in ../shared/data (MATH-500, GSM8K, A
 
 Stages: burn-in (imports, worker start), then each grader over the whole set in the main thread
 (Math-Verify's timeouts use signal.alarm), then two pathological inputs timed separately.
-Math-Verify is called as its README does: verify(parse(gold), parse(response)), gold given as `\\boxed{gold}`.
-The last line is one JSON object with the figures and the ratios.
+On the pairs Math-Verify is called as its README does: verify(parse(gold), parse(response)), gold given as
+`\\boxed{gold}`. The last line is one JSON object with the figures and the ratios.
 
-    .venv/bin/python benchmarks/grading.py [--per-kind 80] [--seed 0]
+    .venv/bin/python benchmarks/grading.py [--per-kind 80] [--seed 0] [--skip-latency]
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from pathlib import Path
 from alp_agents.envs.grading import grade
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+SUITE = Path(__file__).resolve().parents[1] / "tests" / "data" / "math_verify_cases.jsonl"
 
 
 @dataclass(frozen=True)
@@ -265,6 +275,52 @@ def math_verify_grader() -> Callable[[str, str], bool]:
     return lambda response, gold: bool(verify(parse(f"\\boxed{{{gold}}}"), parse(response)))
 
 
+def load_suite(path: Path) -> tuple[list[Case], list[dict]]:
+    """Math-Verify's public suite as cases (the test name as the kind), and its rows (for calling Math-Verify as its tests do)."""
+    rows = [json.loads(line) for line in open(path, encoding="utf-8")]
+    return [Case(row["prediction"], row["gold"], row["expected"], row["test"]) for row in rows], rows
+
+
+def _in_order(rows: list[dict]) -> Callable[[str, str], dict]:
+    """The suite row of each call, for graders called once per row in the suite's order (a pair may appear
+    twice with different options: `test_set_rel_assymetry`)."""
+    pending = iter(rows)
+
+    def row_of(prediction: str, gold: str) -> dict:
+        row = next(pending)
+        assert (row["prediction"], row["gold"]) == (prediction, gold), "call the grader on the suite's rows, in order"
+        return row
+
+    return row_of
+
+
+def math_verify_as_its_tests(rows: list[dict]) -> Callable[[str, str], bool]:
+    """Math-Verify on its own suite exactly as each test calls it (its `compare_strings` helper or plain parse/verify)."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
+    row_of = _in_order(rows)
+
+    def grade_row(prediction: str, gold: str) -> bool:
+        row = row_of(prediction, gold)
+        how = row["mv_options"]
+        if how["call"] == "parse_verify":
+            return bool(verify(parse(row["mv_gold"]), parse(prediction)))
+        targets = [LatexExtractionConfig(boxed_match_priority=0) if kind == "latex" else ExprExtractionConfig()
+                   for kind in how["match_types"]]  # fmt: skip
+        return bool(verify(parse(row["mv_gold"], targets), parse(prediction, targets), float_rounding=how.get("precision", 6),
+                           strict=True, allow_set_relation_comp=how.get("allow_set_relation_comp", False)))  # fmt: skip
+
+    return grade_row
+
+
+def math_verify_as_readme(rows: list[dict]) -> Callable[[str, str], bool]:
+    """Math-Verify on its suite as a new user calls it: verify(parse(gold), parse(prediction)), the gold as the test writes it."""
+    from math_verify import parse, verify
+
+    row_of = _in_order(rows)
+    return lambda prediction, gold: bool(verify(parse(row_of(prediction, gold)["mv_gold"]), parse(prediction)))
+
+
 def run(grader: Callable[[str, str], bool], cases: list[Case]) -> tuple[list[bool], float]:
     start = time.perf_counter()
     verdicts = []
@@ -291,6 +347,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", type=Path, default=DATA_DIR, help="folder with the eval-set JSONL files")
     parser.add_argument("--show", type=int, default=0, help="print this many cases where the graders or the label disagree")
+    parser.add_argument("--suite", type=Path, default=SUITE, help="Math-Verify's public suite as JSON Lines")
+    parser.add_argument("--skip-latency", action="store_true", help="skip benchmarks/grading_latency.py's figures")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
 
@@ -303,7 +361,7 @@ def main() -> None:
     ours, ours_s = run(grade, cases)
     theirs, theirs_s = run(mv_grade, cases)
 
-    print(f"{len(cases)} cases ({sum(c.label for c in cases)} equivalent), {len(set(c.kind for c in cases))} kinds")
+    print(f"Labelled pairs: {len(cases)} cases ({sum(c.label for c in cases)} equivalent), {len(set(c.kind for c in cases))} kinds")
     print(f"{'kind':<24}{'n':>5}{'label':>7}{'ours':>7}{'m-v':>7}")
     totals: Counter[tuple[str, str]] = Counter()
     for case, a, b in zip(cases, ours, theirs):
@@ -327,6 +385,34 @@ def main() -> None:
             slowest[name] = max(slowest[name], round(time.perf_counter() - start, 2))
 
     ours_summary, theirs_summary = summarise(ours, cases, ours_s), summarise(theirs, cases, theirs_s)
+    table = f"{'grader':<24}{'accuracy':>10}{'false +':>9}{'false -':>9}{'checks/s':>10}"
+    print(f"\nLabelled pairs, all kinds\n{table}")
+    for name, figures in (("ours", ours_summary), ("math_verify_readme", theirs_summary)):
+        print(f"{name:<24}{figures['accuracy']:>10.3f}{figures['false_positives']:>9}{figures['false_negatives']:>9}"
+              f"{figures['checks_per_s']:>10}")  # fmt: skip
+
+    suite_cases, suite_rows = load_suite(args.suite)
+    suite = {}
+    for name, grader in (("ours", grade), ("math_verify_readme", math_verify_as_readme(suite_rows)),
+                         ("math_verify_its_tests", math_verify_as_its_tests(suite_rows))):  # fmt: skip
+        verdicts, seconds = run(grader, suite_cases)
+        suite[name] = summarise(verdicts, suite_cases, seconds)
+    print(f"\nMath-Verify's public suite: {len(suite_cases)} rows ({sum(c.label for c in suite_cases)} equivalent)")
+    print(table)
+    for name, figures in suite.items():
+        print(f"{name:<24}{figures['accuracy']:>10.3f}{figures['false_positives']:>9}{figures['false_negatives']:>9}"
+              f"{figures['checks_per_s']:>10}")  # fmt: skip
+
+    latency = None
+    if not args.skip_latency and (Path(__file__).parent / "grading_latency.py").exists():
+        from grading_latency import latency_figures  # the sibling script (benchmarks/ is on sys.path when run as a script)
+
+        latency = latency_figures()
+        for name, value in latency.items():
+            if isinstance(value, dict):
+                print(f"latency {name:<16} ordinary {value['ordinary']}  pathological {value['pathological']}  "
+                      f"{value['checks_per_s']} checks/s")  # fmt: skip
+
     print(json.dumps({
         "cases": len(cases),
         "equivalent": sum(c.label for c in cases),
@@ -336,6 +422,8 @@ def main() -> None:
         "throughput_ratio": round(ours_summary["checks_per_s"] / theirs_summary["checks_per_s"], 2),
         "accuracy_delta": round(ours_summary["accuracy"] - theirs_summary["accuracy"], 4),
         "pathological_max_s": slowest,
+        "math_verify_suite": {"rows": len(suite_cases), **suite},
+        "latency": latency,
     }))  # fmt: skip
 
 

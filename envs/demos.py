@@ -6,12 +6,11 @@ correct. `alp make-demos --env ID --data TASKS` writes them; `alp sft` learns th
 
 ToolEnv's expert knows synthetic arithmetic tasks (whose `metadata["expression"]` holds the arithmetic behind the
 word problem): it calls the calculator on that expression (or prints it from a ```python block, in python style),
-reads the tool's reply, and answers `\\boxed{<reply>}` (`calculator_expert`).
+reads the tool's reply, and answers `\\boxed{<reply>}` (`alp_agents.envs.tool_env.calculator_expert`).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 
 from alp_agents.demonstrations import Demonstration
@@ -19,19 +18,6 @@ from alp_agents.envs.base import TextEnv
 from alp_agents.envs.tasks import Task
 from alp_agents.errors import EnvError
 from alp_agents.trajectory import Message
-
-
-def calculator_expert(task: Task, conversation: list[Message], style: str) -> str | None:
-    """ToolEnv's expert: compute the task's expression with the tool, then box the tool's reply; None for other tasks."""
-    expression = task.metadata.get("expression")
-    if not expression:
-        return None
-    results = [message for message in conversation if message.role == "tool"]
-    if results:
-        return f"The answer is \\boxed{{{results[-1].content.strip()}}}."
-    if style == "python":
-        return f"```python\nprint({expression})\n```"
-    return f"<tool_call>\n{json.dumps({'name': 'calculator', 'arguments': {'expression': expression}})}\n</tool_call>"
 
 
 def demonstrate(env: TextEnv, task: Task) -> Demonstration:

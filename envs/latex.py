@@ -302,7 +302,7 @@ def equivalent(pred: str, gold: str) -> bool:
             return False
         if a.op == "=":
             return _same_equation(a, b)
-        return _exprs_equal(a.lhs, b.lhs) and _exprs_equal(a.rhs, b.rhs)
+        return (_exprs_equal(a.lhs, b.lhs) and _exprs_equal(a.rhs, b.rhs)) or _positive_multiple(a.rhs - a.lhs, b.rhs - b.lhs)
     if isinstance(a, Relation) or isinstance(b, Relation):
         return False
     return _exprs_equal(a, b)
@@ -317,6 +317,14 @@ def _same_equation(a: Relation, b: Relation) -> bool:
         return False
     ratio = sympy.simplify(first / second)
     return bool(ratio.is_number) and ratio.is_zero is False and ratio.is_finite is True
+
+
+def _positive_multiple(first: sympy.Expr, second: sympy.Expr) -> bool:
+    """`rhs - lhs` of two inequalities differ by a positive factor: the same inequality (`-x > -1` is `x < 1`)."""
+    if first == 0 or second == 0:
+        return False
+    ratio = sympy.simplify(first / second)
+    return bool(ratio.is_number) and ratio.is_positive is True and ratio.is_finite is True
 
 
 def _exprs_equal(a: sympy.Expr, b: sympy.Expr) -> bool:

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import json
 import importlib
 import math
 from collections.abc import Sequence
 from typing import Any
 
 from alp_agents.envs.base import GRADING_THREADS, TextEnv, ToolCallStyle, TurnResult
-from alp_agents.envs.demos import calculator_expert
 from alp_agents.envs.grading import extract_answer
 from alp_agents.envs.matching import AnswerMatch, Matcher, answer_matcher
 from alp_agents.envs.tasks import Task
@@ -116,7 +116,7 @@ class ToolEnv(TextEnv):
         return super().opening(task)
 
     def expert_action(self, conversation: list[Message]) -> str | None:
-        """The calculator expert (alp_agents.envs.demos.calculator_expert) on synthetic arithmetic tasks; None on others."""
+        """The calculator expert (calculator_expert) on synthetic arithmetic tasks; None on others."""
         return calculator_expert(self.task, conversation, self.tool_call_style)
 
     def tool_schemas(self) -> list[dict[str, Any]]:
@@ -198,3 +198,16 @@ def _make_tools(name: str) -> Tool[Any] | ToolRegistry:
         raise ToolError(f"tool {name!r} is a {type(made).__name__}: expected a Tool, a Tool class, "
                         "or a function returning a Tool or a ToolRegistry")
     return made
+
+
+def calculator_expert(task: Task, conversation: list[Message], style: str) -> str | None:
+    """ToolEnv's expert: compute the task's expression with the tool, then box the tool's reply; None for other tasks."""
+    expression = task.metadata.get("expression")
+    if not expression:
+        return None
+    results = [message for message in conversation if message.role == "tool"]
+    if results:
+        return f"The answer is \\boxed{{{results[-1].content.strip()}}}."
+    if style == "python":
+        return f"```python\nprint({expression})\n```"
+    return f"<tool_call>\n{json.dumps({'name': 'calculator', 'arguments': {'expression': expression}})}\n</tool_call>"
