@@ -11,7 +11,7 @@ import pytest
 
 from alp_agents.envs import Task, TextEnv
 from alp_agents.errors import ConfigError, EpisodesFailed
-from alp_agents.config import load_config_data
+from alp_agents.config import load_config, load_config_data
 from alp_agents.jobs import env_factory, run_tasks
 from alp_agents.trainers.loop import check_failures
 from alp_agents.trainers.run_config import EnvSection, TrainConfig
@@ -204,3 +204,41 @@ def test_a_finished_run_is_extended_with_resume_and_more_iterations(tmp_path, ti
     assert [row["iteration"] for row in more] == [3]
     assert json.loads((tmp_path / "run" / "config.json").read_text())["schedule"]["iterations"] == 3  # a later --resume goes on from 3
     assert json.loads((tmp_path / "run" / "checkpoint" / "loop.json").read_text())["iteration"] == 3
+
+
+def test_the_readmes_custom_env_trains_end_to_end(tmp_path, tiny_model_dir, vllm_engine, monkeypatch):
+    """The README's recipe: the env in a user's module, registered the usual way, its own tasks (no [data]), two iterations."""
+    from pathlib import Path
+
+    from alp_agents.trainers.loop import train
+
+    example = (Path(__file__).parent / "test_custom_env_example.py").read_text()
+    code = example[example.index("# --- README: an environment from scratch"):example.index("check_env(ReverseEnv")]
+    (tmp_path / "my_reverse_env.py").write_text(
+        code + 'import gymnasium\ngymnasium.register("MyReverse-v0", entry_point=ReverseEnv, '
+        'kwargs={"words": ["gradient", "policy", "token", "engine", "reward", "sample", "update", "layer", "noise", "ratio"]})\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = tmp_path / "run.toml"
+    config.write_text(f"""
+[model]
+path = "{tiny_model_dir}"
+[env]
+id = "my_reverse_env:MyReverse-v0"
+[rollout]
+tasks_per_batch = 2
+group_size = 2
+limits = {{ max_turns = 3, max_tokens_per_turn = 8, max_total_tokens = 256 }}
+[schedule]
+iterations = 2
+eval_every = 0
+checkpoint_every = 0
+""")
+    cfg = load_config(TrainConfig, config)
+    make_env = env_factory(cfg.env)
+    train_tasks, eval_tasks = run_tasks(cfg, make_env, cfg.env.id)
+    assert (cfg.data.source, len(train_tasks), len(eval_tasks)) == ("env", 8, 2)
+    rows = train(cfg, tmp_path / "run", env_factory=make_env, model_dir=tiny_model_dir, train_tasks=train_tasks, eval_tasks=eval_tasks,
+                 engine=vllm_engine, progress=False)
+    assert [row["iteration"] for row in rows] == [0, 1, 2]
+    assert all(row["rollout/failure_rate"] == 0.0 for row in rows[1:]) and rows[-1]["eval/episodes"] == 2 * cfg.schedule.eval_k
+    assert (tmp_path / "run" / "checkpoint" / "model" / "config.json").is_file()  # where the README says the model lands
