@@ -242,11 +242,12 @@ def demo(
     out_dir: Annotated[Path, typer.Option(help="Where the demo writes models, runs and plots.")] = Path("runs/demo"),
     seed: Annotated[int, typer.Option(help="Seed of the model's weights, the SFT shuffle and the RL run (the tasks stay the same).")] = 0,
     overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override the recipe (demo.toml), e.g. rl.schedule.iterations=10.")] = None,
+    recipe: Annotated[Literal["calculator", "python"], typer.Option(help="The tool the agent learns: the calculator, or Python run in the sandbox.")] = "calculator",
 ) -> None:
-    """The main job: default model -> demonstrations -> SFT -> ALP RL on the calculator env, before/after."""
-    from alp_agents.demo import run_demo, seed_overrides
+    """The main job: default model -> demonstrations -> SFT -> ALP RL on a tool env, before/after."""
+    from alp_agents.demo import RECIPES, run_demo, seed_overrides
 
-    run_demo(out_dir, seed_overrides(seed) + (overrides or []), console=console)
+    run_demo(out_dir, RECIPES[recipe] + seed_overrides(seed) + (overrides or []), console=console)
 
 
 lab_app = typer.Typer(help="The mismatch lab: ALP against every baseline under train/inference mismatch, over seeds.")

@@ -44,6 +44,14 @@ def demo_config(overrides: list[str]) -> DemoConfig:
     return load_config_data(DemoConfig, apply_overrides(recipe, overrides), where="demo.toml", overrides=overrides)
 
 
+RECIPES: dict[str, list[str]] = {
+    "calculator": [],
+    "python": ['rl.env.kwargs={tools = ["python"], tool_call_style = "python", max_turns = 3, system_prompt = '
+               '"Compute with a Python program in a ```python block, then answer in \\\\boxed{}."}'],
+}
+"""`alp demo --recipe NAME`: the tool the agent learns. 'python': it writes programs that run in the sandbox."""
+
+
 def seed_overrides(seed: int) -> list[str]:
     """Overrides that reseed everything random in the demo except the tasks, so seeds are comparable."""
     return [f"{key}={seed}" for key in ("rl.model.seed", "sft.seed", "rl.schedule.seed", "rl.rollout.sampling.seed")]

@@ -50,3 +50,16 @@ def test_demo_runs_every_stage_and_prints_the_before_after_table(tmp_path, vllm_
     assert (tmp_path / "rl" / "plots" / "reward.png").stat().st_size > 10_000
     printed = out.getvalue()
     assert "avg_at_k" in printed and f"{figures['before_avg_at_k']:.3f}" in printed and "finished in" in printed
+
+
+def test_the_python_recipe_demonstrates_programs_that_run_in_the_sandbox():
+    from alp_agents.demo import RECIPES
+    from alp_agents.envs import ToolEnv, arithmetic_tasks
+    from alp_agents.envs.demos import make_demonstrations
+
+    cfg = demo_config(RECIPES["python"])
+    assert (cfg.rl.env.kwargs["tools"], cfg.rl.env.kwargs["tool_call_style"]) == (["python"], "python")
+    [demo] = make_demonstrations(lambda: ToolEnv(**cfg.rl.env.kwargs), arithmetic_tasks(1, seed=0, difficulty=2))
+    call, result, answer = demo.messages[-3:]
+    assert call.content.startswith("```python\nprint(") and result.role == "tool"
+    assert answer.content == f"The answer is \\boxed{{{result.content.strip()}}}." and result.content.strip().isdigit()
