@@ -41,12 +41,16 @@ from alp_agents.config import Config
 from alp_agents.engines.base import InferenceEngine, SamplingConfig
 from alp_agents.errors import EngineUnavailable
 from alp_agents.seeding import derive_seed
+from alp_agents.threads import WorkerThreads
 from alp_agents.trajectory import EpisodeFinish, Message, ToolCall, Trajectory, Turn
 
 logger = logging.getLogger(__name__)
 
 LOOP_STALL_WARNING_S = 1.0
 """The event loop not running for this long (something blocked it) logs a warning during `collect`."""
+CLOSE_THREADS = WorkerThreads(8, "alp-env-close")
+"""Where finished episodes close their envs: closing may kill processes (a sandbox pool) and must stall neither the
+other episodes' event loop nor the trainer step in the loop's default executor."""
 
 
 class EpisodeEnv(Protocol):
@@ -154,7 +158,7 @@ async def run_episode(
         episode.fail(error)
     finally:
         if env is not None:
-            env.close()
+            await CLOSE_THREADS.run(env.close)
     return episode.trajectory()
 
 

@@ -25,7 +25,7 @@ from typing_extensions import TypedDict  # pydantic can validate typing.TypedDic
 
 from alp_agents.envs.tasks import Task
 from alp_agents.errors import EnvError
-from alp_agents.tools.base import WorkerThreads
+from alp_agents.threads import WorkerThreads
 from alp_agents.tools.parsing import ToolCallStyle
 from alp_agents.trajectory import Message, ToolCall
 

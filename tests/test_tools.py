@@ -12,7 +12,8 @@ from pydantic import BaseModel, Field
 import alp_agents.tools as tools_package
 from alp_agents.errors import ToolError
 from alp_agents.tools import Calculator, PythonSandbox, PythonTool, Tool, ToolRegistry, ToolResult, tool
-from alp_agents.tools.base import TOOL_THREADS, ToolFailure, WorkerThreads
+from alp_agents.threads import WorkerThreads
+from alp_agents.tools.base import TOOL_THREADS, ToolFailure
 from alp_agents.tools.sandbox import ExecResult
 from alp_agents.trajectory import ToolCall
 

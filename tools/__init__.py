@@ -12,14 +12,17 @@ Installed as `alp_agents.tools`:
 - `BUILTIN_TOOLS`: the built-in tools by name, as configs name them (`tools = ["calculator", "python"]`).
 """
 
+from collections.abc import Callable
+
 from alp_agents.tools.base import FunctionTool, Tool, ToolArgs, ToolRegistry, ToolResult, tool
 from alp_agents.tools.calculator import Calculator, CalculatorError
 from alp_agents.tools.parsing import ToolCallError, ToolCallStyle, parse_tool_calls
-from alp_agents.tools.python_tool import PythonTool
+from alp_agents.tools.python_tool import PythonTool, shared_sandbox
 from alp_agents.tools.sandbox import ExecResult, PythonSandbox
 
-BUILTIN_TOOLS: dict[str, type[Tool]] = {cls.name: cls for cls in (Calculator, PythonTool)}
-"""The built-in tool classes by tool name; each makes a working tool with no arguments."""
+BUILTIN_TOOLS: dict[str, Callable[[], Tool]] = {Calculator.name: Calculator, PythonTool.name: PythonTool.shared}
+"""The built-in tools by name, each a function of no arguments making a working tool (the python tool runs on the
+process's shared sandbox, so the episodes of a batch do not each start and tear down a sandbox pool)."""
 
 __all__ = [
     "BUILTIN_TOOLS",
@@ -36,5 +39,6 @@ __all__ = [
     "ToolRegistry",
     "ToolResult",
     "parse_tool_calls",
+    "shared_sandbox",
     "tool",
 ]

@@ -6,6 +6,8 @@ time or memory) is a failed call: the model still reads its output, and it count
 
 from __future__ import annotations
 
+import threading
+
 from pydantic import Field
 
 from alp_agents.tools.base import Tool, ToolArgs, ToolFailure
@@ -13,6 +15,24 @@ from alp_agents.tools.sandbox import ExecResult, PythonSandbox
 
 SANDBOX_START_S = 30.0
 """Slack for waiting for a started sandbox under load: counted in the call's timeout, not the program's."""
+SHARED_POOL_SIZE = 4
+"""Sandboxes the shared sandbox keeps started: it serves every episode of a rollout batch at once."""
+
+_shared: PythonSandbox | None = None
+_shared_lock = threading.Lock()
+
+
+def shared_sandbox() -> PythonSandbox:
+    """The process's one sandbox with the default limits, made on first use and closed at exit.
+
+    Every run gets a fresh sandbox of its own whoever asks, so sharing the pre-started pool between
+    episodes costs no isolation; it saves starting and tearing down a pool per episode.
+    """
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = PythonSandbox(pool_size=SHARED_POOL_SIZE)
+        return _shared
 
 
 class PythonArgs(ToolArgs):
@@ -37,6 +57,11 @@ class PythonTool(Tool[PythonArgs]):
         "sympy and numpy can be imported when installed."
     )
     args_model = PythonArgs
+
+    @classmethod
+    def shared(cls) -> PythonTool:
+        """A python tool on the process's shared sandbox (shared_sandbox): what a config's `tools = ["python"]` makes."""
+        return cls(shared_sandbox())
 
     def __init__(self, sandbox: PythonSandbox | None = None) -> None:
         self.sandbox = sandbox if sandbox is not None else PythonSandbox()
