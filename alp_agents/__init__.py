@@ -18,7 +18,7 @@ from alp_agents.errors import (
     ToolError,
     TrajectoryError,
 )
-from alp_agents.trajectory import Message, ToolCall, Trajectory, Turn, read_trajectories, write_trajectories
+from alp_agents.trajectory import Message, StepInfo, ToolCall, Trajectory, Turn, TurnFacts, read_trajectories, write_trajectories
 
 __version__ = "0.1.0"
 
@@ -33,11 +33,13 @@ __all__ = [
     "Message",
     "ModelError",
     "SandboxError",
+    "StepInfo",
     "ToolCall",
     "ToolError",
     "Trajectory",
     "TrajectoryError",
     "Turn",
+    "TurnFacts",
     "load_config",
     "read_trajectories",
     "write_trajectories",

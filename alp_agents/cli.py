@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 Model = Annotated[Path, typer.Option(help="Model directory (any Hugging Face causal LM).")]
 EnvId = Annotated[str, typer.Option("--env", help="gymnasium id of the environment.")]
 EnvArgs = Annotated[str, typer.Option(help='Environment arguments as JSON, e.g. \'{"max_turns": 3}\'.')]
+MaxTurns = Annotated[Optional[int], typer.Option(help="The environment's turn budget (its max_turns argument); default: the environment's own.",
+                                                 min=1)]
 Servers = Annotated[Optional[list[str]], typer.Option("--server", help="vLLM server base URL (repeat for several); default: vLLM in-process.")]
 TaskData = Annotated[str, typer.Option("--data", help="Tasks: a built-in eval set (gsm8k, math500, aime24, aime25, minerva, olympiadbench), "
                                       "a .jsonl/.json/.csv/.parquet file with problem (or question, prompt) and answer columns, "
@@ -124,6 +126,24 @@ def train_command(
 
 
 @app.command()
+def update(
+    model: Model,
+    trajectories: Annotated[Path, typer.Option(help="JSON Lines trajectory file: the batch, split over the ranks by whole groups.")],
+    steps: Annotated[int, typer.Option(min=1, help="Calls of step() on the batch (each runs updates_per_batch updates).")] = 1,
+    config: Annotated[Optional[Path], typer.Option(help="TOML file of TrainerConfig fields (algo, lr, loss, ...).")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="TrainerConfig override, e.g. algo=bypass (repeatable).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Save the policy and tokenizer here (Hugging Face model directory).")] = None,
+) -> None:
+    """The update alone, on saved trajectories, under torchrun (FSDP2); rank 0 prints one JSON line of metrics per step."""
+    from alp_agents import jobs
+    from alp_agents.config import load_config
+    from alp_agents.trainers.trainer import TrainerConfig
+
+    cfg = load_config(TrainerConfig, config, overrides or [])
+    jobs.update_on_ranks(model, trajectories, cfg, steps=steps, out=out, on_step=lambda metrics: print(json.dumps(metrics), flush=True))
+
+
+@app.command()
 def plot(run_dir: Annotated[Path, typer.Argument(help="Run directory with metrics.jsonl.")]) -> None:
     """Draw the run's figures (reward, ratio envelope, KL, sigma, entropy) as PNG files."""
     from alp_agents.plots import plot_run
@@ -142,7 +162,7 @@ def eval_command(
     k: Annotated[int, typer.Option(help="Samples per task (avg@k, pass@k).")] = 4,
     out: Annotated[Optional[Path], typer.Option(help="Write the trajectories here (JSON Lines).")] = None,
     temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
-    max_turns: Annotated[int, typer.Option(help="Most assistant turns per episode.")] = 5,
+    max_turns: MaxTurns = None,
     max_tokens: Annotated[int, typer.Option(help="Most tokens per turn.")] = 256,
     servers: Servers = None,
     weights_transport: Transport = "file",
@@ -154,9 +174,9 @@ def eval_command(
     from alp_agents.rollout import RolloutLimits
     from alp_agents.trainers.run_config import EnvSection
 
-    report = jobs.evaluate(model, EnvSection(id=env, kwargs=parse_env_args(env_args)), data, limit=limit, k=k, out=out,
+    report = jobs.evaluate(model, EnvSection(id=env, kwargs=parse_env_args(env_args, max_turns)), data, limit=limit, k=k, out=out,
                            sampling=SamplingConfig(temperature=temperature),
-                           limits=RolloutLimits(max_turns=max_turns, max_tokens_per_turn=max_tokens), servers=servers or [],
+                           limits=RolloutLimits(max_tokens_per_turn=max_tokens), servers=servers or [],
                            weights_transport=weights_transport, chat_template=chat_template)
     print_stats(report.stats, title=f"{model} on {data} ({report.seconds:.0f} s)")
     print(report.model_dump_json())
@@ -172,7 +192,7 @@ def rollout(
     env_args: EnvArgs = "{}",
     k: Annotated[int, typer.Option(help="Episodes per task.")] = 1,
     temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
-    max_turns: Annotated[int, typer.Option(help="Most assistant turns per episode.")] = 5,
+    max_turns: MaxTurns = None,
     servers: Servers = None,
     weights_transport: Transport = "file",
     chat_template: ChatTemplate = "",
@@ -184,8 +204,9 @@ def rollout(
     from alp_agents.trainers.run_config import EnvSection
     from alp_agents.trajectory import write_trajectories
 
-    trajectories = jobs.rollout_tasks(model, EnvSection(id=env, kwargs=parse_env_args(env_args)), jobs.tasks_from_argument(data, limit=limit), k=k,
-                                      sampling=SamplingConfig(temperature=temperature), limits=RolloutLimits(max_turns=max_turns),
+    trajectories = jobs.rollout_tasks(model, EnvSection(id=env, kwargs=parse_env_args(env_args, max_turns)),
+                                      jobs.tasks_from_argument(data, limit=limit), k=k,
+                                      sampling=SamplingConfig(temperature=temperature), limits=RolloutLimits(),
                                       servers=servers or [], weights_transport=weights_transport, chat_template=chat_template)
     console.print(f"wrote {len(trajectories)} trajectories to {write_trajectories(out, trajectories)}")
 
@@ -284,8 +305,9 @@ def lab_report(lab_dir: Annotated[Path, typer.Argument(help="A lab directory wri
     console.print(str(write_report(lab_dir)))
 
 
-def parse_env_args(env_args: str) -> dict[str, Any]:
-    """The `--env-args` JSON object; ConfigError naming the option if it is not one."""
+def parse_env_args(env_args: str, max_turns: int | None = None) -> dict[str, Any]:
+    """The `--env-args` JSON object, with `--max-turns` as its max_turns when given; ConfigError naming the option if it
+    is not an object, or if the two options disagree."""
     from alp_agents.errors import ConfigError
 
     try:
@@ -295,6 +317,8 @@ def parse_env_args(env_args: str) -> dict[str, Any]:
     if not isinstance(kwargs, dict):
         raise ConfigError(f"--env-args must be a JSON object of keyword arguments, got {type(kwargs).__name__}: "
                           "e.g. '{\"max_turns\": 3}'")
+    if max_turns is not None and kwargs.setdefault("max_turns", max_turns) != max_turns:
+        raise ConfigError(f"--max-turns {max_turns} and --env-args max_turns {kwargs['max_turns']} disagree: give the turn budget once")
     return kwargs
 
 

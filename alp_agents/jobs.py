@@ -39,13 +39,13 @@ from alp_agents.errors import ConfigError, ModelError
 from alp_agents.evaluation import RolloutStats, rollout_stats
 from alp_agents.rollout import EpisodeEnv, RolloutLimits, collect
 from alp_agents.tiny import build_tiny_model
-from alp_agents.trajectory import Trajectory, write_trajectories
-from alp_agents.trainers.distributed import DistributedALPTrainer, RankZeroTrainer, broadcast_from_rank0, follow_rank_zero
+from alp_agents.trajectory import Trajectory, read_trajectories, write_trajectories
+from alp_agents.trainers.distributed import DistributedALPTrainer, RankZeroTrainer, broadcast_from_rank0, follow_rank_zero, shard_batch
 from alp_agents.trainers.loop import train
 from alp_agents.trainers.run_config import DataSection, EnvSection, ModelSection, TrainConfig
 from alp_agents.trainers.run_dir import RunDir
 from alp_agents.trainers.sft import SFTConfig, run_sft
-from alp_agents.trainers.trainer import load_policy, training_device
+from alp_agents.trainers.trainer import TrainerConfig, load_policy, training_device
 
 E = TypeVar("E", bound=EpisodeEnv)
 ARITHMETIC_DATA = re.compile(r"arithmetic(:-?\d+){1,3}")
@@ -328,6 +328,32 @@ def sft(model_dir: Path, demos: Path, out: Path, cfg: SFTConfig) -> list[dict[st
     tokenizer.save_pretrained(out)
     (Path(out) / "sft_metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in history), encoding="utf-8")
     return history
+
+
+def update_on_ranks(model_dir: Path, trajectories: Path, cfg: TrainerConfig, *, steps: int, out: Path | None,
+                    on_step: Callable[[dict[str, float]], None]) -> None:
+    """`alp update` under torchrun: `steps` trainer steps on a saved batch, the policy sharded over the ranks with FSDP2
+    and each rank on its share of whole groups; rank 0 passes each step's metrics to `on_step`. Saves the policy and
+    tokenizer in `out` (a Hugging Face model directory) when given."""
+    if "WORLD_SIZE" not in os.environ:
+        raise ConfigError("alp update runs under torchrun, one rank or more: torchrun --nproc-per-node N -m alp_agents.cli update ...")
+    batch = read_trajectories(trajectories)  # before the process group: a bad file stops every rank at once
+    training_device()  # this rank's GPU is set before NCCL starts
+    dist.init_process_group()  # gloo for CPU tensors, NCCL for CUDA ones
+    try:
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        trainer = DistributedALPTrainer(load_policy(model_dir), cfg)
+        mine = shard_batch(batch, rank=rank, world_size=world_size)
+        for step in range(1, steps + 1):
+            metrics = trainer.step(mine)
+            if rank == 0:
+                on_step({"step": step, **metrics})
+        if out is not None:
+            trainer.save_pretrained(out)
+            if rank == 0:
+                AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+    finally:
+        dist.destroy_process_group()
 
 
 # -- alp eval / alp rollout -------------------------------------------------------------------------

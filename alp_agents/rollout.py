@@ -10,12 +10,13 @@ Token-in, token-out. An episode's token ids are built by appending, never by re-
     ...
 
 so the trainer scores exactly the tokens the engine sampled, in the context the engine saw, and
-tool output never carries loss. A turn cut by a token limit ends the episode (finish_reason
+tool output never carries loss. The environment owns the turn budget: turns go on until it
+terminates or truncates the episode. A turn cut by a token limit ends the episode (finish_reason
 "max_tokens" for the per-turn limit, "context" for the total) without stepping the environment.
 
 Isolation: an exception anywhere in an episode (an env that cannot be built, a tool crash, a
 grader timeout, an engine error on one request, `episode_timeout_s`) ends that episode with
-finish_reason "error" and the error in `metadata["error"]`; the batch goes on. The one exception
+finish_reason "error" and the error in `Trajectory.error`; the batch goes on. The one exception
 is EngineUnavailable (no engine left to ask): `collect` cancels every episode and raises it. A
 callback that blocks the event loop (blocking code in an async env) stalls every episode and
 every timeout; a watchdog thread logs a warning naming the function that blocks, and an episode
@@ -32,7 +33,7 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Protocol
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
@@ -42,7 +43,7 @@ from alp_agents.engines.base import InferenceEngine, SamplingConfig
 from alp_agents.errors import EngineUnavailable
 from alp_agents.seeding import derive_seed
 from alp_agents.threads import WorkerThreads
-from alp_agents.trajectory import EpisodeFinish, Message, ToolCall, Trajectory, Turn
+from alp_agents.trajectory import EpisodeFinish, Message, StepInfo, Trajectory, Turn
 
 logger = logging.getLogger(__name__)
 
@@ -64,10 +65,17 @@ class EpisodeEnv(Protocol):
 
 
 class RolloutLimits(Config):
-    """Limits of one episode."""
+    """Token and time limits of one episode. Its turn budget is the environment's (`max_turns` in `env.kwargs`): the
+    env truncates the episode, which then ends with finish_reason 'max_turns'."""
 
-    max_turns: int = Field(5, ge=1)
-    """Most assistant turns; the episode is truncated with finish_reason 'max_turns' after the last."""
+    @model_validator(mode="before")
+    @classmethod
+    def _turns_moved(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "max_turns" in data:
+            raise ValueError("rollout.limits.max_turns was removed: the environment owns the turn budget; set it in env.kwargs "
+                             "(max_turns = N; on the command line --env-args '{\"max_turns\": N}')")
+        return data
+
     max_tokens_per_turn: int = Field(256, ge=1)
     """Most tokens sampled in one assistant turn."""
     max_total_tokens: int = Field(2048, ge=16)
@@ -199,7 +207,8 @@ class _Episode:
         self.finish_reason: EpisodeFinish = "max_turns"
         self.correct: bool | None = None
         self.answer: str | None = None
-        self.metadata: dict[str, Any] = {}
+        self.error: str | None = None
+        self.metadata: dict[str, Any] = {}  # the env's own step-info keys
 
     def append(self, token_ids: list[int], logprobs: list[float] | None = None, versions: list[int] | None = None) -> None:
         """Append ids: sampled ones (with their log-probs and sampling versions) get mask 1; inserted ones mask 0, version -1."""
@@ -214,7 +223,7 @@ class _Episode:
         self.messages, info = await env.areset(seed=seed, options={"task": task})
         self.append(prompt_token_ids(tokenizer, self.messages, info.get("tools")))  # mask 0: the prompt
         self.prompt_length = len(self.token_ids)
-        for _ in range(limits.max_turns):
+        while True:  # the env owns the turn budget (it truncates); the context budget bounds an env that never ends
             context_left = limits.max_total_tokens - len(self.token_ids)
             budget = min(limits.max_tokens_per_turn, context_left)
             if budget <= 0:
@@ -236,14 +245,16 @@ class _Episode:
                 self.finish_reason = "context" if budget == context_left else "max_tokens"
                 return
             start = time.perf_counter()
-            new_messages, reward, terminated, truncated, step_info = await env.astep(text)
+            new_messages, reward, terminated, truncated, raw_info = await env.astep(text)
+            step_info = StepInfo.model_validate(raw_info)  # typed from here on; a malformed info fails the episode, naming the field
+            self.metadata.update(step_info.model_extra or {})
             self.reward += float(reward)
             self.messages += new_messages
             self.turns.append(_turn(text, generation, generation_s, time.perf_counter() - start, new_messages, reward, step_info))
             if terminated or truncated:
                 self.finish_reason = "terminated" if terminated else "max_turns"
-                self.correct = bool(step_info.get("correct", False))
-                self.answer = step_info.get("answer")
+                self.correct = bool(step_info.correct)
+                self.answer = step_info.answer
                 return
             continuation = ([] if ended_turn else [eos_id]) + continuation_token_ids(tokenizer, new_messages)
             if len(self.token_ids) + len(continuation) >= limits.max_total_tokens:
@@ -253,7 +264,7 @@ class _Episode:
 
     def fail(self, error: BaseException) -> None:
         self.finish_reason = "error"
-        self.metadata["error"] = f"{type(error).__name__}: {error}"
+        self.error = f"{type(error).__name__}: {error}"
 
     def trajectory(self) -> Trajectory:
         sampled_by = [version for version in self.versions if version >= 0]
@@ -272,6 +283,7 @@ class _Episode:
             finish_reason=self.finish_reason,
             correct=self.correct,
             answer=self.answer,
+            error=self.error,
             metadata=self.metadata,
         )
 
@@ -332,18 +344,17 @@ class _LoopWatchdog:
 
 
 def _turn(text: str, generation: Any, generation_s: float, env_s: float, new_messages: list[Message], reward: float,
-          info: dict[str, Any]) -> Turn:
-    tool_calls = [call for call in info.get("parsed_tool_calls", []) if isinstance(call, ToolCall)]
+          info: StepInfo) -> Turn:
     return Turn(
         text=text,
-        tool_calls=tool_calls,
+        tool_calls=info.parsed_tool_calls,
         tool_results=[m.content for m in new_messages if m.role == "tool"],
-        tool_errors=int(info.get("tool_errors", 0)),
+        tool_errors=info.tool_errors,
         num_sampled_tokens=len(generation.token_ids),
         generation_s=generation_s,
         env_s=env_s,
         reward=float(reward),
-        void=bool(info.get("void_turn", False)),
+        void=info.void,
     )
 
 

@@ -94,6 +94,49 @@ class Message(BaseModel):
         return chat
 
 
+class TurnFacts(BaseModel):
+    """What an environment found in one assistant turn: its tool calls, whether it was void, its graded answer."""
+
+    tool_calls: int = Field(default=0, ge=0)
+    """Tool calls the turn attempted, malformed ones included (one tool message each)."""
+    parsed_tool_calls: list[ToolCall] = Field(default_factory=list)
+    """The well-formed calls among them, in order."""
+    tool_errors: int = Field(default=0, ge=0)
+    """Calls that failed: unparseable, unknown tool, invalid arguments, or the tool itself failed."""
+    void: bool = False
+    """The turn made no progress: no final answer and no successful tool call. Trainers count these."""
+    answer: str | None = None
+    """The final answer the turn gave, as extracted from its text; None when it gave none."""
+    correct: bool | None = None
+    """Whether that answer matches the gold answer; None when the turn was not graded."""
+
+    @model_validator(mode="after")
+    def _check_counts(self) -> TurnFacts:
+        if self.tool_errors > self.tool_calls:
+            raise ValueError(f"tool_errors ({self.tool_errors}) cannot exceed tool_calls ({self.tool_calls})")
+        if len(self.parsed_tool_calls) > self.tool_calls:
+            raise ValueError(f"{len(self.parsed_tool_calls)} parsed_tool_calls but only {self.tool_calls} tool_calls")
+        return self
+
+
+class StepInfo(TurnFacts):
+    """The `info` of an environment's step, typed: the TurnFacts of the turn just played and its number.
+
+    gymnasium's `step` returns info as a dict (`as_info()`); the agent loop reads it back with
+    `StepInfo.model_validate(info)`, so an ill-typed field fails the episode saying which. Keys an
+    environment adds of its own are kept (`model_extra`) and end in the trajectory's metadata.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    turn: int = Field(default=0, ge=0)
+    """The turn's number in its episode, from 1."""
+
+    def as_info(self) -> dict[str, Any]:
+        """The gymnasium info dict: the fields by name, values as they are (parsed calls stay ToolCall objects)."""
+        return dict(self)
+
+
 class Turn(BaseModel):
     """What happened in one assistant turn of an episode."""
 
@@ -160,22 +203,25 @@ class Trajectory(BaseModel):
     Empty in files written before it existed (versions unknown per token: use policy_version)."""
     finish_reason: EpisodeFinish = ""
     """Why the episode ended: 'terminated' (by the env), 'max_turns', 'max_tokens' (a turn hit its
-    token limit), 'context' (the episode hit its total token limit) or 'error' (see metadata['error'])."""
+    token limit), 'context' (the episode hit its total token limit) or 'error' (see `error`)."""
     correct: bool | None = None
     """Whether the environment graded the final answer correct (None: it did not say, e.g. no answer was given)."""
     answer: str | None = None
     """The final answer the environment read from the last turn (None: none)."""
+    error: str | None = None
+    """Why a failed episode (finish_reason 'error') failed: the exception's type and message; None otherwise."""
     metadata: dict[str, Any] = Field(default_factory=dict)
-    """Extras: the environment's own, the error of a failed episode, batch shaping's records."""
+    """Extras: the keys the environment added to its steps' info (the last step's value of each), and batch shaping's records."""
 
     @model_validator(mode="before")
     @classmethod
     def _outcome_out_of_metadata(cls, data: Any) -> Any:
-        """Files written before `correct` and `answer` were fields kept them in metadata: read them from there."""
-        if isinstance(data, dict) and isinstance(data.get("metadata"), dict) and ("correct" in data["metadata"] or "answer" in data["metadata"]):
+        """Files written before `correct`, `answer` and `error` were fields kept them in metadata: read them from there."""
+        moved = ("correct", "answer", "error")
+        if isinstance(data, dict) and isinstance(data.get("metadata"), dict) and any(key in data["metadata"] for key in moved):
             metadata = dict(data["metadata"])
             data = {**data, "metadata": metadata}
-            for key in ("correct", "answer"):
+            for key in moved:
                 if key in metadata:
                     data.setdefault(key, metadata.pop(key))
         return data

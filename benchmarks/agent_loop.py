@@ -135,7 +135,7 @@ async def run_loop(
         tokenizer,
         sampling=SamplingConfig(temperature=1.0, stop_token_ids=stops),
         group_size=args.group_size,
-        limits=RolloutLimits(max_turns=args.turns, max_tokens_per_turn=TURN_TOKEN_LIMIT),
+        limits=RolloutLimits(max_tokens_per_turn=TURN_TOKEN_LIMIT),
         max_concurrency=args.concurrency,
     )
 

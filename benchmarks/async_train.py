@@ -66,7 +66,7 @@ def config(iterations: int, max_staleness: int, tool_latency_s: float, algo: str
         "env": {"id": "parity_envs:Parity-v0", "kwargs": {"latency_s": tool_latency_s}},
         "data": {"train_size": 200, "eval_size": 0},
         "rollout": {"tasks_per_batch": 8, "group_size": 8, "sampling": {"temperature": 1.0, "seed": 0, "stop": ["e", "a", "o"]},
-                    "limits": {"max_turns": 1, "max_tokens_per_turn": 48, "max_total_tokens": 1024}},
+                    "limits": {"max_tokens_per_turn": 48, "max_total_tokens": 1024}},
         "trainer": {"algo": algo, "lr": 1e-5, "micro_batch_size": 16, "updates_per_batch": 4},
         "schedule": {"iterations": iterations, "max_staleness": max_staleness, "eval_every": 0, "checkpoint_every": 0},
     })

@@ -12,7 +12,8 @@ forward them). TextEnv enforces reset-before-step itself, and `check_env` does t
 
 import gymnasium
 
-from alp_agents.envs.base import AssistantText, MessageList, ResetInfo, StepInfo, TextEnv, ToolCallStyle, TurnResult
+from alp_agents.envs.base import AssistantText, MessageList, ResetInfo, TextEnv, ToolCallStyle, TurnResult
+from alp_agents.trajectory import StepInfo
 from alp_agents.envs.checker import check_env
 from alp_agents.envs.grading import extract_answer, grade, is_equivalent
 from alp_agents.envs.matching import AnswerMatch, answer_matcher

@@ -20,14 +20,14 @@ from typing import Any, TypeVar
 
 import gymnasium
 from gymnasium import spaces
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError
 from typing_extensions import TypedDict  # pydantic can validate typing.TypedDict only from Python 3.12
 
 from alp_agents.envs.tasks import Task
 from alp_agents.errors import EnvError
 from alp_agents.threads import WorkerThreads
 from alp_agents.tools.parsing import ToolCallStyle
-from alp_agents.trajectory import Message, ToolCall
+from alp_agents.trajectory import Message, StepInfo, TurnFacts
 
 T = TypeVar("T")
 
@@ -55,20 +55,9 @@ class ResetInfo(TypedDict):
     """The env's turn budget: the episode is truncated after this many steps."""
 
 
-class StepInfo(TypedDict):
-    """The `info` that `step` returns: facts about the turn just played (the fields of TurnResult, plus `turn`)."""
-
-    turn: int
-    tool_calls: int
-    parsed_tool_calls: list[ToolCall]
-    tool_errors: int
-    void_turn: bool
-    answer: str | None
-    correct: bool | None
-
-
-class TurnResult(BaseModel):
-    """What an environment makes of one assistant turn; `respond` returns it, `step` unpacks it."""
+class TurnResult(TurnFacts):
+    """What an environment makes of one assistant turn: `respond` returns it, `step` unpacks it (its TurnFacts
+    become the step's StepInfo)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -78,26 +67,6 @@ class TurnResult(BaseModel):
     """Reward for this turn (finite)."""
     terminated: bool = False
     """The task is over (answered, or given up); the turn limit is not the subclass's business."""
-    tool_calls: int = Field(default=0, ge=0)
-    """Tool calls the turn attempted, malformed ones included (one tool message each)."""
-    parsed_tool_calls: list[ToolCall] = Field(default_factory=list)
-    """The well-formed calls among them, in order."""
-    tool_errors: int = Field(default=0, ge=0)
-    """Calls that failed: unparseable, unknown tool, invalid arguments, or the tool itself failed."""
-    void_turn: bool = False
-    """The turn made no progress: no final answer and no successful tool call. Trainers count these."""
-    answer: str | None = None
-    """The final answer the turn gave, as extracted from its text; None when it gave none."""
-    correct: bool | None = None
-    """Whether that answer matches the gold answer; None when the turn was not graded."""
-
-    @model_validator(mode="after")
-    def _check_counts(self) -> TurnResult:
-        if self.tool_errors > self.tool_calls:
-            raise ValueError(f"tool_errors ({self.tool_errors}) cannot exceed tool_calls ({self.tool_calls})")
-        if len(self.parsed_tool_calls) > self.tool_calls:
-            raise ValueError(f"{len(self.parsed_tool_calls)} parsed_tool_calls but only {self.tool_calls} tool_calls")
-        return self
 
 
 class AssistantText(spaces.Text):
@@ -167,7 +136,7 @@ class TextEnv(gymnasium.Env[list[Message], str]):
       trainer records is skipped; only the model never gets to read the reply. Stepping before
       `reset` or after the episode ended raises EnvError.
     - Bad model output is never an exception: a subclass turns it into a message and counts it in
-      the step's info (`tool_errors`, `void_turn`).
+      the step's info (`tool_errors`, `void`).
     - `close()` releases what the env owns (the event loop the sync methods use, and whatever a
       subclass adds); it is idempotent, and `with env:` closes on exit.
 
@@ -234,7 +203,7 @@ class TextEnv(gymnasium.Env[list[Message], str]):
         return self.opening(self._task), dict(info)
 
     async def astep(self, action: str) -> tuple[list[Message], float, bool, bool, dict[str, Any]]:
-        """Play one turn; returns (new messages, reward, terminated, truncated, StepInfo)."""
+        """Play one turn; returns (new messages, reward, terminated, truncated, the StepInfo as a dict)."""
         if self._task is None:
             raise EnvError(f"step() called before reset() on {type(self).__name__}: call reset() to start an episode")
         if self._over:
@@ -245,16 +214,8 @@ class TextEnv(gymnasium.Env[list[Message], str]):
         result = await self.respond(action)
         truncated = not result.terminated and self.turn >= self.max_turns  # the only place truncation is issued
         self._over = result.terminated or truncated
-        info = StepInfo(
-            turn=self.turn,
-            tool_calls=result.tool_calls,
-            parsed_tool_calls=list(result.parsed_tool_calls),
-            tool_errors=result.tool_errors,
-            void_turn=result.void_turn,
-            answer=result.answer,
-            correct=result.correct,
-        )
-        return list(result.messages), result.reward, result.terminated, truncated, dict(info)
+        info = StepInfo(turn=self.turn, **{name: getattr(result, name) for name in TurnFacts.model_fields})
+        return list(result.messages), result.reward, result.terminated, truncated, info.as_info()
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[list[Message], dict[str, Any]]:
         """Synchronous `areset`, which calls `super().reset(seed=seed)` first, as gymnasium requires."""
@@ -268,7 +229,8 @@ class TextEnv(gymnasium.Env[list[Message], str]):
             reward (float): the reward of this turn (finite).
             terminated (bool): the task ended (a final answer, or the model stopped without one).
             truncated (bool): the turn budget `max_turns` ran out first (outside the task's own rules).
-            info (dict): a StepInfo: tool_calls, parsed_tool_calls, tool_errors, void_turn, answer, correct, turn.
+            info (dict): a StepInfo's fields (`StepInfo.as_info()`): tool_calls, parsed_tool_calls, tool_errors, void, answer,
+                correct, turn.
         """
         return self._run(self.astep(action))
 

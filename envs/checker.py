@@ -28,13 +28,15 @@ from typing import Any
 
 import gymnasium
 from pydantic import BaseModel, TypeAdapter, ValidationError
+from typing_extensions import TypedDict  # pydantic can validate typing.TypedDict only from Python 3.12
 
-from alp_agents.envs.base import ResetInfo, StepInfo, TextEnv
+from alp_agents.envs.base import ResetInfo, TextEnv
 from alp_agents.errors import EnvError
-from alp_agents.trajectory import Message
+from alp_agents.trajectory import Message, StepInfo
 
 _RESET_INFO = TypeAdapter(ResetInfo)
-_STEP_INFO = TypeAdapter(StepInfo)
+_STEP_INFO = TypeAdapter(TypedDict("StepInfoKeys", {name: field.annotation for name, field in StepInfo.model_fields.items()}))  # type: ignore[misc]
+"""StepInfo's fields, all required: the info TextEnv.astep returns has every one (the agent loop would default a missing one)."""
 _FIX_VIA_RESPOND = "implement `async def respond(self, action) -> TurnResult` and let TextEnv build the step's return value"
 
 

@@ -17,7 +17,7 @@ from alp_agents.demonstrations import Demonstration
 from alp_agents.envs.base import TextEnv
 from alp_agents.envs.tasks import Task
 from alp_agents.errors import EnvError
-from alp_agents.trajectory import Message
+from alp_agents.trajectory import Message, StepInfo
 
 
 def demonstrate(env: TextEnv, task: Task) -> Demonstration:
@@ -31,7 +31,7 @@ def demonstrate(env: TextEnv, task: Task) -> Demonstration:
         replies, _, terminated, truncated, step_info = env.step(action)
         conversation = [*conversation, Message(role="assistant", content=action)]
         if terminated or truncated:  # what the env says after the last answer is not part of the demonstration
-            if not step_info.get("correct"):
+            if not StepInfo.model_validate(step_info).correct:
                 raise EnvError(f"task {task.id!r}: the expert's episode was not graded correct (gold {task.answer!r}, "
                                f"last action {action!r})")
             return Demonstration(messages=conversation, tools=info.get("tools", []))

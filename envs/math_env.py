@@ -50,4 +50,4 @@ class MathEnv(TextEnv):
         # No marked answer: the whole response is the answer (a bare `42`).
         correct = bool(await GRADING_THREADS.run(self.answer_matches, action.strip() if answer is None else answer, self.task.answer))
         penalty = self.format_penalty if answer is None else 0.0
-        return TurnResult(reward=float(correct) - penalty, terminated=True, void_turn=answer is None, answer=answer, correct=correct)
+        return TurnResult(reward=float(correct) - penalty, terminated=True, void=answer is None, answer=answer, correct=correct)

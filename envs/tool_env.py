@@ -139,11 +139,11 @@ class ToolEnv(TextEnv):
                 tool_calls=len(calls),
                 parsed_tool_calls=[call for call in calls if isinstance(call, ToolCall)],
                 tool_errors=failures,
-                void_turn=failures == len(calls),
+                void=failures == len(calls),
             )
         answer = extract_answer(action)
         if answer is None:  # the model stopped without calling a tool or answering
-            return TurnResult(reward=-self.format_penalty, terminated=True, void_turn=True)
+            return TurnResult(reward=-self.format_penalty, terminated=True, void=True)
         correct = bool(await GRADING_THREADS.run(self.answer_matches, answer, self.task.answer))
         return TurnResult(reward=float(correct), terminated=True, answer=answer, correct=correct)
 

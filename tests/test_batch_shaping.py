@@ -158,7 +158,7 @@ def test_soft_overlong_penalty_at_its_boundaries():
 
 
 def test_an_episode_is_penalised_by_the_limit_it_came_closest_to():
-    limits = RolloutLimits(max_turns=5, max_tokens_per_turn=100, max_total_tokens=1000)  # buffers 20 and 200 at 0.2
+    limits = RolloutLimits(max_tokens_per_turn=100, max_total_tokens=1000)  # buffers 20 and 200 at 0.2
     long_turn = episode("g", 1.0, turns=(50, 90), total=700)
     long_context = episode("g", 1.0, turns=(10, 10), total=900)
     both = episode("g", 1.0, "context", turns=(95, 10), total=1000)

@@ -85,7 +85,7 @@ def sampled_turns(tokenizer, texts: list[str]) -> list[list[int]]:
 def play(tokenizer, turns: list[list[int]]):
     engine = ReplayEngine(turns)
     [trajectory] = collect_sync(CoachEnv, [TASK], engine, tokenizer, sampling=SamplingConfig(temperature=1.0), progress=False)
-    assert trajectory.finish_reason == "terminated", trajectory.metadata
+    assert trajectory.finish_reason == "terminated", trajectory.error
     return trajectory, engine
 
 

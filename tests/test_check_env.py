@@ -27,7 +27,7 @@ class Echo(TextEnv):
         correct = action.strip() == self.task.answer
         if correct:
             return TurnResult(reward=1.0, terminated=True, answer=action.strip(), correct=True)
-        return TurnResult(messages=[Message(role="user", content="No, try again.")], void_turn=True)
+        return TurnResult(messages=[Message(role="user", content="No, try again.")], void=True)
 
 
 # --- one class per broken rule ------------------------------------------------------------------
@@ -172,7 +172,7 @@ class NotAGymEnv:
         (SyncOnlyBonus, r"areset\(\)/astep\(\) disagree with reset\(\)/step\(\): reward of step\(\) on turn 1 \(an empty turn\) was 0.5 from step\(\) but 0.0"),
         (SpeaksForTheAssistant, r"replied with roles \['assistant'\]: the action is the assistant's message"),
         (ReturnsStrings, r"must return a list of alp_agents.trajectory.Message as its observation, got \['No, try again.'\]"),
-        (HomemadeInfo, r"returned an invalid info \(info\['turn'\]: Field required; .*implement `async def respond"),
+        (HomemadeInfo, r"returned an invalid info \(info\['tool_calls'\]: Field required; .*info\['turn'\]: Field required\): implement `async def respond"),
         (IntegerFlags, r"returned terminated=0 \(int\): it must be a bool"),
         (EndsWithSystem, r"reset\(\) returned roles \['user', 'system'\]: an episode opens with an optional system message"),
         (ToolsWithoutStyle, r"reset\(\) info has 1 tools but tool_call_style=None: an env with tools must say how calls are written: set the class attribute"),

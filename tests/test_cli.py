@@ -44,3 +44,20 @@ def test_train_under_torchrun_without_servers_refuses_before_any_work(tmp_path, 
     assert out.returncode != 0
     assert "under torchrun needs its rollouts on vLLM servers: pass --server URL" in " ".join((out.stdout + out.stderr).split())
     assert not (tmp_path / "run").exists()  # refused before writing anything
+
+
+def test_update_outside_torchrun_says_how_to_launch_it(tmp_path, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    out = alp("update", "--model", str(tmp_path / "m"), "--trajectories", str(tmp_path / "t.jsonl"))
+    assert out.returncode == 2
+    assert "alp update runs under torchrun, one rank or more: torchrun --nproc-per-node N -m alp_agents.cli update" in " ".join(out.stderr.split())
+
+
+def test_max_turns_is_the_envs_argument_given_once():
+    from alp_agents.cli import parse_env_args
+    from alp_agents.errors import ConfigError
+
+    assert parse_env_args('{"tools": ["python"]}', 3) == {"tools": ["python"], "max_turns": 3}
+    assert parse_env_args('{"max_turns": 3}', 3) == {"max_turns": 3} and parse_env_args("{}") == {}
+    with pytest.raises(ConfigError, match="--max-turns 3 and --env-args max_turns 2 disagree"):
+        parse_env_args('{"max_turns": 2}', 3)

@@ -71,3 +71,19 @@ def test_a_rule_across_sections_is_reported_by_its_message():
     assert load_config(TrainConfig, overrides=["rollout.sampling.temperature=0.7"]).trainer.temperature == 0.7
     with pytest.raises(ConfigError, match=r"trainer\.temperature=1\.0 differs from rollout\.sampling\.temperature=0\.7"):
         load_config(TrainConfig, overrides=["rollout.sampling.temperature=0.7", "trainer.temperature=1.0"])
+
+
+def test_the_turn_budget_is_the_environments_and_old_configs_move_theirs_there(tmp_path):
+    from alp_agents.rollout import RolloutLimits
+    from alp_agents.trainers.run_config import TrainConfig
+
+    path = tmp_path / "old.toml"  # as runs saved it before the env owned the turn budget
+    path.write_text('[env]\nkwargs = { system_prompt = "Go." }\n[rollout.limits]\nmax_turns = 2\nmax_tokens_per_turn = 40\n')
+    cfg = load_config(TrainConfig, path)
+    assert cfg.env.kwargs == {"system_prompt": "Go.", "max_turns": 2} and cfg.rollout.limits.max_tokens_per_turn == 40
+    assert "max_turns" not in cfg.rollout.limits.model_dump()
+    assert load_config(TrainConfig, path, ["env.kwargs.max_turns=2"]).env.kwargs["max_turns"] == 2  # the same budget twice is one
+    with pytest.raises(ConfigError, match=r"rollout\.limits\.max_turns = 2 and env\.kwargs\.max_turns = 5: .*remove rollout\.limits\.max_turns"):
+        load_config(TrainConfig, path, ["env.kwargs.max_turns=5"])
+    with pytest.raises(ValueError, match=r"rollout\.limits\.max_turns was removed: the environment owns the turn budget; set it in env\.kwargs"):
+        RolloutLimits(max_turns=3)

@@ -49,7 +49,7 @@ class ReverseEnv(TextEnv):
             return TurnResult(reward=1.0, terminated=True, answer=guess, correct=True)
         wrong = next((i for i, (g, a) in enumerate(zip(guess, answer)) if g != a), min(len(guess), len(answer)))
         feedback = Message(role="user", content=f"Not yet: letter {wrong + 1} is wrong.")
-        return TurnResult(messages=[feedback], answer=guess or None, correct=False, void_turn=not guess)
+        return TurnResult(messages=[feedback], answer=guess or None, correct=False, void=not guess)
 
     def expert_action(self, conversation: list[Message]) -> str:
         return self.task.answer  # optional: the scripted expert that `alp make-demos` records

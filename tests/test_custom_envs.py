@@ -227,7 +227,7 @@ id = "my_reverse_env:MyReverse-v0"
 [rollout]
 tasks_per_batch = 2
 group_size = 2
-limits = {{ max_turns = 3, max_tokens_per_turn = 8, max_total_tokens = 256 }}
+limits = {{ max_tokens_per_turn = 8, max_total_tokens = 256 }}
 [schedule]
 iterations = 2
 eval_every = 0

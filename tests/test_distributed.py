@@ -1,7 +1,7 @@
 """FSDP2 under torchrun: two CPU processes (gloo) train like one process on the whole batch.
 
 The two-process runs go through the real command, `torchrun --nproc-per-node 2 -m
-alp_agents.trainers.distributed`, on the tiny model. Each rank gets one GRPO group, and the two
+alp_agents.cli update`, on the tiny model. Each rank gets one GRPO group, and the two
 groups hold different numbers of loss tokens, so the comparison also checks that the loss is the
 token mean over the whole batch and not over each rank's part.
 """
@@ -101,7 +101,7 @@ def two_ranks(tiny_model_dir: Path, batch_file: Path, config_file: Path, tmp_pat
         out = tmp_path_factory.mktemp(f"two-ranks-{name}")
         command = [
             sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-            "-m", "alp_agents.trainers.distributed", "--model", str(tiny_model_dir), "--trajectories", str(batch_file),
+            "-m", "alp_agents.cli", "update", "--model", str(tiny_model_dir), "--trajectories", str(batch_file),
             "--steps", str(STEPS), "--config", str(config_file), "--out", str(out / "model"),
             *[arg for override in overrides for arg in ("--set", override)],
         ]  # fmt: skip

@@ -29,7 +29,7 @@ from alp_agents.envs import (
     check_env,
 )
 from alp_agents.errors import EnvError
-from alp_agents.tools import Calculator, PythonSandbox, PythonTool, ToolRegistry, tool
+from alp_agents.tools import Calculator, PythonSandbox, PythonTool, ToolRegistry, shared_sandbox, tool
 from alp_agents.trajectory import Message, ToolCall
 
 TASK = Task(id="stock", prompt="A store receives 624 crates with 89 stickers in each crate and sells 655. How many are left?", answer="54881")
@@ -212,7 +212,7 @@ def test_math_env_rewards_equivalent_answers(task, response, reward, answer, voi
         env.reset(options={"task": task})
         messages, got_reward, terminated, truncated, info = env.step(response)
     assert (messages, got_reward, terminated, truncated) == ([], reward, True, False)
-    assert info["answer"] == answer and info["void_turn"] is void
+    assert info["answer"] == answer and info["void"] is void
     assert info["correct"] is (reward > 0)
     assert info["tool_calls"] == info["tool_errors"] == 0
 
@@ -271,11 +271,11 @@ def test_tool_env_plays_a_calculator_episode():
         assert reply == [Message(role="tool", name="calculator", content="54881")]
         assert (reward, terminated, truncated) == (0.0, False, False)
         assert info["parsed_tool_calls"] == [ToolCall(name="calculator", arguments={"expression": "624 * 89 - 655"})]
-        assert (info["turn"], info["tool_calls"], info["tool_errors"], info["void_turn"], info["answer"]) == (1, 1, 0, False, None)
+        assert (info["turn"], info["tool_calls"], info["tool_errors"], info["void"], info["answer"]) == (1, 1, 0, False, None)
 
         reply, reward, terminated, truncated, info = env.step("The answer is \\boxed{54881}.")
         assert (reply, reward, terminated, truncated) == ([], 1.0, True, False)
-        assert (info["turn"], info["answer"], info["correct"], info["void_turn"]) == (2, "54881", True, False)
+        assert (info["turn"], info["answer"], info["correct"], info["void"]) == (2, "54881", True, False)
 
 
 def test_every_call_gets_one_tool_message_saying_what_was_wrong():
@@ -299,7 +299,7 @@ def test_every_call_gets_one_tool_message_saying_what_was_wrong():
     assert "expression" in reply[3].content and "expr" in reply[3].content
     assert reply[4].content.startswith("Error:") and "zero" in reply[4].content
     assert (reward, terminated, truncated) == (0.0, False, False)
-    assert (info["tool_calls"], info["tool_errors"], info["void_turn"], info["answer"]) == (5, 4, False, None)
+    assert (info["tool_calls"], info["tool_errors"], info["void"], info["answer"]) == (5, 4, False, None)
     assert [c.name for c in info["parsed_tool_calls"]] == ["calculator", "calculater", "calculator", "calculator"]
 
 
@@ -308,8 +308,8 @@ def test_a_turn_whose_calls_all_fail_is_void_and_the_episode_goes_on():
         env.reset(seed=0)
         reply, _, terminated, _, info = env.step("<tool_call>{oops}</tool_call>")
         assert len(reply) == 1 and not terminated
-        assert (info["tool_calls"], info["tool_errors"], info["void_turn"], info["parsed_tool_calls"]) == (1, 1, True, [])
-        assert env.step(call("calculator", expression="1 + 1"))[4]["void_turn"] is False
+        assert (info["tool_calls"], info["tool_errors"], info["void"], info["parsed_tool_calls"]) == (1, 1, True, [])
+        assert env.step(call("calculator", expression="1 + 1"))[4]["void"] is False
 
 
 def test_stopping_without_a_call_or_an_answer_ends_a_void_episode():
@@ -317,7 +317,7 @@ def test_stopping_without_a_call_or_an_answer_ends_a_void_episode():
         env.reset(seed=0)
         reply, reward, terminated, truncated, info = env.step("Hmm, I am not sure how to continue.")
     assert (reply, reward, terminated, truncated) == ([], -0.1, True, False)
-    assert info["void_turn"] is True and info["correct"] is None
+    assert info["void"] is True and info["correct"] is None
 
 
 def test_a_wrong_final_answer_scores_zero():
@@ -447,7 +447,7 @@ def test_python_style_runs_fenced_code_in_the_sandbox(python_tools):
         assert "FileNotFoundError" in failed.content and "[exit code 1]" in failed.content  # the host's files are not there
         assert (reward, terminated, info["tool_calls"]) == (0.0, False, 2)
         [unclosed], _, terminated, _, info = env.step("```python\nprint(1)\n")
-        assert "not closed" in unclosed.content and (info["tool_errors"], info["void_turn"], terminated) == (1, True, False)
+        assert "not closed" in unclosed.content and (info["tool_errors"], info["void"], terminated) == (1, True, False)
         assert env.step("So the answer is \\boxed{54881}.")[1:3] == (1.0, True)
 
 
@@ -460,6 +460,18 @@ def test_python_runs_do_not_block_the_event_loop(python_tools):
     ([reply], *_), ticks = ticks_while(episode)
     assert reply.content == "done"
     assert ticks >= 10
+
+
+def test_envs_configured_with_the_python_tool_by_name_share_one_sandbox_that_outlives_them():
+    # A config's tools = ["python"]: every episode's env would otherwise start and kill a sandbox pool of its own.
+    first = ToolEnv(tasks=[TASK], tools=["python"], tool_call_style="python")
+    with ToolEnv(tasks=[TASK], tools=["python"], tool_call_style="python") as second:
+        assert first.tools.get("python").sandbox is second.tools.get("python").sandbox is shared_sandbox()
+        first.close()
+        second.reset(seed=0)
+        [reply], *_ = second.step("```python\nprint(6 * 7)\n```")
+        assert reply.content == "42"  # still open after the other env closed
+    assert shared_sandbox().run("print(1)").stdout == "1\n"
 
 
 def test_tool_math_with_python_passes_check_env(python_tools):

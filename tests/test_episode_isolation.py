@@ -72,7 +72,7 @@ def test_an_env_that_raises_in_its_constructor_fails_only_its_episode(vllm_engin
     trajectories = collect_sync(flaky_env, tasks, vllm_engine, tokenizer, sampling=SamplingConfig(), limits=limits,
                                 max_concurrency=1, progress=False)
     assert [t.finish_reason == "error" for t in trajectories] == [False, True, False]
-    assert trajectories[1].metadata["error"] == "RuntimeError: could not open the task database"
+    assert trajectories[1].error == "RuntimeError: could not open the task database"
     assert all(t.num_sampled_tokens > 0 for t in (trajectories[0], trajectories[2]))  # the real engine played them
     assert rollout_stats(trajectories).failure_rate == pytest.approx(1 / 3)
 
@@ -193,7 +193,7 @@ def test_an_env_blocking_the_loop_is_named_in_a_warning_and_its_episode_fails(to
         trajectories = collect_sync(BlockingEnv, tasks, engine, tokenizer, sampling=SamplingConfig(),
                                     limits=RolloutLimits(episode_timeout_s=0.6), progress=False)
     assert [t.finish_reason for t in trajectories] == ["terminated", "error", "terminated"]
-    assert "TimeoutError: the episode ran longer than its episode_timeout_s of 0.6 s" in trajectories[1].metadata["error"]
+    assert "TimeoutError: the episode ran longer than its episode_timeout_s of 0.6 s" in trajectories[1].error
     [warning] = [r.getMessage() for r in caplog.records if "event loop has been blocked" in r.getMessage()]
     assert "BlockingEnv.astep" in warning and "test_episode_isolation.py" in warning
 

@@ -151,7 +151,7 @@ def test_collect_records_the_version_of_every_sampled_token(vllm_engine, tiny_mo
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     tasks = [Task(id="bags", prompt="Ava has 1234 bags with 56 apples in each bag. How many apples?", answer="69104")]
     sampling = SamplingConfig(temperature=1.0, ignore_eos=True)  # every turn runs to its token limit: one long turn
-    limits = RolloutLimits(max_turns=1, max_tokens_per_turn=LENGTH, max_total_tokens=1024)
+    limits = RolloutLimits(max_tokens_per_turn=LENGTH, max_total_tokens=1024)
     v0 = vllm_engine.policy_version
 
     async def run() -> list[Trajectory]:
@@ -163,7 +163,7 @@ def test_collect_records_the_version_of_every_sampled_token(vllm_engine, tiny_mo
 
     trajectories = asyncio.run(run())
     for t in trajectories:
-        assert t.finish_reason != "error", t.metadata
+        assert t.finish_reason != "error", t.error
         versions = t.token_policy_versions
         assert len(versions) == len(t.token_ids)
         assert all((v == -1) == (m == 0) for v, m in zip(versions, t.loss_mask))  # -1: not sampled by the policy

@@ -21,7 +21,8 @@ SHELL_VARIABLES = {"$i": "0", "${i}": "0"}
 
 
 def readme_commands(text: str) -> list[str]:
-    """The `alp ...` commands of the README's bash code blocks (continuations joined, comments and `&` dropped)."""
+    """The `alp ...` commands of the README's bash code blocks (continuations joined, comments and `&` dropped), with
+    `torchrun ... -m alp_agents.cli CMD ...` read as `alp CMD ...`."""
     commands: list[str] = []
     block: list[str] | None = None
     for line in text.splitlines():
@@ -29,7 +30,7 @@ def readme_commands(text: str) -> list[str]:
             block = []
         elif block is not None and re.fullmatch(r"```\s*", line):
             for logical in "\n".join(block).replace("\\\n", " ").splitlines():
-                code = re.split(r"\s#", " " + logical)[0].strip()
+                code = re.sub(r"^.*?-m\s+alp_agents\.cli\s+", "alp ", re.split(r"\s#", " " + logical)[0].strip())
                 if found := re.search(r"(?:^|[;&]\s*|\S+=\S+\s+)(alp\s.*)$", code):
                     commands.append(found.group(1).rstrip("&; "))
             block = None
@@ -43,7 +44,7 @@ COMMANDS = readme_commands(README.read_text(encoding="utf-8"))
 
 def test_the_readme_shows_the_main_commands():
     used = {shlex.split(command)[1] for command in COMMANDS}
-    assert {"demo", "train", "eval", "rollout", "serve", "init-model", "make-demos", "sft", "lab", "show"} <= used, used
+    assert {"demo", "train", "eval", "rollout", "serve", "init-model", "make-demos", "sft", "lab", "show", "update"} <= used, used
 
 
 @pytest.mark.parametrize("command", COMMANDS)

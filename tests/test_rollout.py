@@ -156,8 +156,8 @@ def test_masks_and_logprobs_of_a_tool_episode(tokenizer):
 
 def test_limits_set_the_finish_reason(tokenizer):
     engine = ScriptedEngine(tokenizer, [CALL])  # calls the tool forever
-    [t] = collect_sync(tool_env, [TASK], engine, tokenizer, sampling=SamplingConfig(), limits=RolloutLimits(max_turns=2), progress=False)
-    assert t.finish_reason == "max_turns" and len(t.turns) == 2
+    [t] = collect_sync(lambda: ToolEnv(max_turns=2), [TASK], engine, tokenizer, sampling=SamplingConfig(), progress=False)
+    assert t.finish_reason == "max_turns" and len(t.turns) == 2  # the env's budget ends the episode: the loop has none of its own
 
     [t] = collect_sync(tool_env, [TASK], engine, tokenizer, sampling=SamplingConfig(), limits=RolloutLimits(max_tokens_per_turn=5), progress=False)
     assert t.finish_reason == "max_tokens" and t.num_sampled_tokens == 5 and t.reward == 0.0
@@ -167,13 +167,32 @@ def test_limits_set_the_finish_reason(tokenizer):
     assert t.finish_reason == "context" and len(t.token_ids) <= context
 
 
+def test_the_step_info_is_read_typed_and_a_malformed_one_fails_its_episode_naming_the_field(tokenizer):
+    class ExtraInfoEnv(ToolEnv):
+        async def astep(self, action):
+            messages, reward, terminated, truncated, info = await super().astep(action)
+            return messages, reward, terminated, truncated, {**info, "latency_ms": 3}  # an env's own key: kept as metadata
+
+    class MalformedInfoEnv(ToolEnv):
+        async def astep(self, action):
+            messages, reward, terminated, truncated, info = await super().astep(action)
+            return messages, reward, terminated, truncated, {**info, "tool_errors": "many"}
+
+    engine = ScriptedEngine(tokenizer, [CALL, "\\boxed{69104}"])
+    [good] = collect_sync(ExtraInfoEnv, [TASK], engine, tokenizer, sampling=SamplingConfig(), progress=False)
+    assert (good.finish_reason, good.correct, good.answer, good.metadata) == ("terminated", True, "69104", {"latency_ms": 3})
+    assert [(turn.tool_errors, turn.void, [c.name for c in turn.tool_calls]) for turn in good.turns] == [(0, False, ["calculator"]), (0, False, [])]
+    [bad] = collect_sync(MalformedInfoEnv, [TASK], engine, tokenizer, sampling=SamplingConfig(), progress=False)
+    assert bad.finish_reason == "error" and "tool_errors" in bad.error and "valid integer" in bad.error
+
+
 def test_a_failed_episode_does_not_fail_the_batch(tokenizer):
     engine = ScriptedEngine(tokenizer, [CALL, "\\boxed{69104}"], fail_on="poison")
     tasks = [TASK, Task(id="poison", prompt="poison pill", answer="1")]
     trajectories = collect_sync(tool_env, tasks, engine, tokenizer, sampling=SamplingConfig(), group_size=2, progress=False)
     assert [t.group_id for t in trajectories] == ["0:bags", "0:bags", "1:poison", "1:poison"]
     assert [t.finish_reason for t in trajectories] == ["terminated", "terminated", "error", "error"]
-    assert "EngineTimeout: request timed out" in trajectories[2].metadata["error"]
+    assert "EngineTimeout: request timed out" in trajectories[2].error
     stats = rollout_stats(trajectories)
     assert stats.failure_rate == 0.5 and stats.avg_at_k == 1.0 and stats.pass_at_k == 0.5 and stats.tool_calls_per_episode == 1.0
 
@@ -210,8 +229,8 @@ def test_cancelling_collect_closes_every_environment(tokenizer):
 def test_vllm_rollout_logprobs_match_a_trainer_recompute(vllm_engine, tiny_model_dir, tokenizer):
     tasks = [TASK, Task(id="two", prompt="What is 17 * 23?", answer="391")]
     sampling = SamplingConfig(temperature=1.0)
-    limits = RolloutLimits(max_turns=3, max_tokens_per_turn=24, max_total_tokens=1024)
-    trajectories = collect_sync(tool_env, tasks, vllm_engine, tokenizer, sampling=sampling, group_size=2, limits=limits, progress=False)
+    limits = RolloutLimits(max_tokens_per_turn=24, max_total_tokens=1024)
+    trajectories = collect_sync(lambda: ToolEnv(max_turns=3), tasks, vllm_engine, tokenizer, sampling=sampling, group_size=2, limits=limits, progress=False)
     assert len(trajectories) == 4 and all(t.finish_reason != "error" for t in trajectories), [t.metadata for t in trajectories]
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     worst, compared = 0.0, 0

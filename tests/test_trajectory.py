@@ -80,16 +80,16 @@ def test_message_renders_for_chat_templates():
 
 def test_lone_surrogates_never_stop_a_trajectory_from_being_written(tmp_path):
     # A tool that decodes bytes with errors="surrogateescape", or an exception quoting such text.
-    trajectory = make(messages=[Message(role="tool", content="caf\udce9 \ud83d\ude00")], metadata={"error": "ValueError: bad byte \udcff"})
+    trajectory = make(messages=[Message(role="tool", content="caf\udce9 \ud83d\ude00")], error="ValueError: bad byte \udcff")
     assert trajectory.messages[0].content == "caf\ufffd 😀"  # replaced (and the pair joined) at the message boundary
     [read] = read_trajectories(write_trajectories(tmp_path / "t.jsonl", [trajectory]))
-    assert read == trajectory and read.metadata["error"] == "ValueError: bad byte \udcff"
+    assert read == trajectory and read.error == "ValueError: bad byte \udcff"
 
 
 def test_outcome_fields_are_typed_and_old_files_are_read():
-    old = make().model_dump() | {"metadata": {"correct": True, "answer": "2", "env": "x"}}
-    del old["correct"], old["answer"]
+    old = make().model_dump() | {"metadata": {"correct": True, "answer": "2", "error": "E: x", "env": "x"}}
+    del old["correct"], old["answer"], old["error"]
     read = Trajectory.model_validate(old)  # a file written when the outcome was parked in metadata
-    assert (read.correct, read.answer, read.metadata) == (True, "2", {"env": "x"})
+    assert (read.correct, read.answer, read.error, read.metadata) == (True, "2", "E: x", {"env": "x"})
     with pytest.raises(ValueError, match="finish_reason"):
         make(finish_reason="stopped")

@@ -70,6 +70,14 @@ def void_turn_mask(trajectory: Trajectory) -> list[bool]:
     return [bool(m) and next(it) for m in trajectory.loss_mask]
 
 
+def right_pad(rows: Sequence[Sequence[float]], *, value: float = 0, dtype: torch.dtype) -> torch.Tensor:
+    """Rows of different lengths as one (len(rows), longest row) tensor of `dtype`, each row padded on the right with `value`."""
+    padded = torch.full((len(rows), max((len(row) for row in rows), default=1) or 1), value, dtype=dtype)
+    for i, row in enumerate(rows):
+        padded[i, : len(row)] = torch.tensor(row, dtype=dtype)
+    return padded
+
+
 def collate(
     trajectories: Sequence[Trajectory],
     *,
@@ -86,19 +94,12 @@ def collate(
                 f"trajectory {i} has loss_mask[0] = 1: the first token has no context to be scored; "
                 "episodes start with a prompt whose tokens are masked"
             )
-    N, T = len(trajectories), max(max(len(t.token_ids) for t in trajectories), 1)
-    input_ids = torch.full((N, T), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((N, T), dtype=torch.long)
-    loss_mask = torch.zeros((N, T), dtype=torch.bool)
-    infer_logprobs = torch.zeros((N, T), dtype=torch.float32)
-    for i, trajectory in enumerate(trajectories):
-        n = len(trajectory.token_ids)
-        input_ids[i, :n] = torch.tensor(trajectory.token_ids, dtype=torch.long)
-        attention_mask[i, :n] = 1
-        loss_mask[i, :n] = torch.tensor(trajectory.loss_mask, dtype=torch.bool)
-        if mask_void_turns:
-            loss_mask[i, :n] &= ~torch.tensor(void_turn_mask(trajectory), dtype=torch.bool)
-        infer_logprobs[i, :n] = torch.where(loss_mask[i, :n], torch.tensor(trajectory.infer_logprobs, dtype=torch.float32), 0.0)
+    input_ids = right_pad([t.token_ids for t in trajectories], value=pad_token_id, dtype=torch.long)
+    attention_mask = right_pad([[1] * len(t.token_ids) for t in trajectories], dtype=torch.long)
+    loss_mask = right_pad([t.loss_mask for t in trajectories], dtype=torch.bool)
+    if mask_void_turns:
+        loss_mask &= ~right_pad([void_turn_mask(t) for t in trajectories], dtype=torch.bool)
+    infer_logprobs = torch.where(loss_mask, right_pad([t.infer_logprobs for t in trajectories], dtype=torch.float32), 0.0)
     numbering = {g: i for i, g in enumerate(dict.fromkeys(t.group_id for t in trajectories))}
     return Batch(
         input_ids=input_ids.to(device),

@@ -1,6 +1,6 @@
 """Data-parallel ALP training under `torchrun`: the policy sharded with FSDP2 around an unchanged ALPTrainer.
 
-    torchrun --nproc-per-node 2 -m alp_agents.trainers.distributed --model DIR --trajectories FILE.jsonl --steps N
+    torchrun --nproc-per-node 2 -m alp_agents.cli update --model DIR --trajectories FILE.jsonl --steps N
 
 Every rank holds a shard of the weights (`torch.distributed.fsdp.fully_shard`) and its own slice of
 the batch, whole GRPO groups only, because advantages compare the episodes of one group. Each rank
@@ -38,16 +38,14 @@ process over the same batch; the objective is the same.
 from __future__ import annotations
 
 import fnmatch
-import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
-import typer
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
@@ -60,7 +58,7 @@ from alp_agents.trajectory import Trajectory, group_by_id
 from alp_agents.trainers.batching import collate
 from alp_agents.trainers.run_dir import LoopState, RunDir
 from alp_agents.trainers.perturbation import find_decoder_layers
-from alp_agents.trainers.trainer import ALPTrainer, TrainerConfig, load_policy, training_device
+from alp_agents.trainers.trainer import ALPTrainer, TrainerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -331,13 +329,27 @@ def _weighted_mean(values: list[float], weights: list[float]) -> float:
 # -- alp train under torchrun: rank 0 runs the loop, the other ranks follow ----------------------
 
 
+def _step_on_own_shard(trainer: DistributedALPTrainer, batch: Sequence[Trajectory]) -> dict[str, float]:
+    return trainer.step(shard_batch(batch, rank=dist.get_rank(), world_size=dist.get_world_size()))
+
+
+RANK_ZERO_CALLS: dict[str, Callable[[DistributedALPTrainer, Any], Any]] = {
+    "step": _step_on_own_shard,  # the batch (balanced groups): each rank updates on its shard
+    "weights": lambda trainer, _: trainer.policy_state_dict(),  # gather the full weights on rank 0 (for the engines)
+    "checkpoint": lambda trainer, _: trainer.state_dict(),  # gather the weights and the optimizer state on rank 0
+}
+"""The torchrun protocol of `alp train`: the calls rank 0 announces by name and every rank then makes, so that FSDP's
+collectives pair up. A follower runs the same function as rank 0 by construction; "stop" (RankZeroTrainer.release_followers)
+ends the followers."""
+
+
 class RankZeroTrainer:
     """The trainer the RL loop holds on rank 0 of `torchrun`: each of its calls is mirrored on every rank.
 
     The loop (rollouts on vLLM servers, evaluation, logging, weight pushes) runs on rank 0 only.
-    Every other rank runs `follow_rank_zero`, which receives each call rank 0 announces and makes the
-    same one, so FSDP's collectives pair up. A batch is cut to whole groups of one size, as many on
-    every rank (`balanced_groups`); rank 0 sends the cut batch, each rank trains on its shard.
+    Every other rank runs `follow_rank_zero`, which receives each call rank 0 announces (RANK_ZERO_CALLS)
+    and makes the same one. A batch is cut to whole groups of one size, as many on every rank
+    (`balanced_groups`); rank 0 sends the cut batch, each rank trains on its shard.
     Checkpoints gather the weights and the optimizer state into the single-process layout.
     """
 
@@ -350,39 +362,34 @@ class RankZeroTrainer:
         kept = balanced_groups(trajectories, dist.get_world_size())
         if not kept:
             return {"perf/episodes_left_out_by_sharding": float(len(trajectories))}
-        broadcast_from_rank0(("step", kept))
-        metrics = self.trainer.step(shard_batch(kept, rank=0, world_size=dist.get_world_size()))
+        metrics = self._call("step", kept)
         return {**metrics, "perf/episodes_left_out_by_sharding": float(len(trajectories) - len(kept))}
 
     def policy_state_dict(self) -> dict[str, Tensor]:
         """The full weights for the engine (gathered on rank 0)."""
-        broadcast_from_rank0(("weights", None))
-        return self.trainer.policy_state_dict()
+        return self._call("weights")
 
     def save_checkpoint(self, run: RunDir, tokenizer: PreTrainedTokenizerBase, state: LoopState) -> None:
         """The same checkpoint as one process writes (full weights, full optimizer state), from rank 0."""
-        broadcast_from_rank0(("checkpoint", None))
-        trainer_state = self.trainer.state_dict()  # one gather of the weights serves both files
+        trainer_state = self._call("checkpoint")  # one gather of the weights serves both files
         run.save_checkpoint(self.trainer.model, tokenizer, trainer_state, state, weights=self.trainer.untied(trainer_state["model"]))
 
     def release_followers(self) -> None:
         """Tell the other ranks the run is over (call it once, at the end, whatever happened)."""
         broadcast_from_rank0(("stop", None))
 
+    def _call(self, name: str, argument: Any = None) -> Any:
+        broadcast_from_rank0((name, argument))
+        return RANK_ZERO_CALLS[name](self.trainer, argument)
+
 
 def follow_rank_zero(trainer: DistributedALPTrainer) -> None:
-    """Ranks > 0 of `alp train`: make each call rank 0's RankZeroTrainer announces, until it says stop."""
-    rank, world_size = dist.get_rank(), dist.get_world_size()
+    """Ranks > 0 of `alp train`: make each call rank 0's RankZeroTrainer announces (RANK_ZERO_CALLS), until it says stop."""
     while True:
-        call, argument = broadcast_from_rank0(None)
-        if call == "stop":
+        name, argument = broadcast_from_rank0(None)
+        if name == "stop":
             return
-        if call == "step":
-            trainer.step(shard_batch(argument, rank=rank, world_size=world_size))
-        elif call == "weights":
-            trainer.policy_state_dict()
-        elif call == "checkpoint":
-            trainer.state_dict()
+        RANK_ZERO_CALLS[name](trainer, argument)
 
 
 def balanced_groups(trajectories: Sequence[Trajectory], world_size: int) -> list[Trajectory]:
@@ -405,44 +412,3 @@ def broadcast_from_rank0(value: Any) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-# -- the command ---------------------------------------------------------------------------------
-
-
-def main(
-    model: Annotated[Path, typer.Option(help="Hugging Face causal-LM directory to start from.")],
-    trajectories: Annotated[Path, typer.Option(help="JSON Lines trajectory file: the batch, split over ranks by whole groups.")],
-    steps: Annotated[int, typer.Option(min=1, help="Calls of step() on the batch (each runs updates_per_batch updates).")] = 1,
-    config: Annotated[Path | None, typer.Option(help="TOML file of TrainerConfig fields (algo, lr, loss, ...).")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="TrainerConfig override, e.g. algo=bypass (repeatable).")] = None,
-    out: Annotated[Path | None, typer.Option(help="Save the policy and tokenizer here (Hugging Face model directory).")] = None,
-) -> None:
-    """Run ALP updates on a trajectory file across the ranks of torchrun; rank 0 prints one JSON line of metrics per step."""
-    from transformers import AutoTokenizer
-
-    from alp_agents.config import load_config
-    from alp_agents.trajectory import read_trajectories
-
-    cfg = load_config(TrainerConfig, config, set_ or [])
-    training_device()  # this rank's GPU is set before NCCL starts
-    dist.init_process_group()  # gloo for CPU tensors, NCCL for CUDA ones
-    try:
-        rank, world_size = dist.get_rank(), dist.get_world_size()
-        policy = load_policy(model)
-        trainer = DistributedALPTrainer(policy, cfg)  # --set dtype=bfloat16: bf16 compute, float32 weights and reduction
-        mine = shard_batch(read_trajectories(trajectories), rank=rank, world_size=world_size)
-        for step in range(1, steps + 1):
-            metrics = trainer.step(mine)
-            if rank == 0:
-                print(json.dumps({"step": step, **metrics}), flush=True)
-        if out is not None:
-            trainer.save_pretrained(out)
-            if rank == 0:
-                AutoTokenizer.from_pretrained(model).save_pretrained(out)
-    finally:
-        dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    typer.run(main)

@@ -274,7 +274,7 @@ def check_failures(episodes: Sequence[Trajectory], what: str, *, warn_above: flo
     failed = [t for t in episodes if t.finish_reason == "error"]
     if not failed:
         return
-    first = failed[0].metadata.get("error", "no error recorded")
+    first = failed[0].error or "no error recorded"
     if len(failed) == len(episodes):
         raise EpisodesFailed(f"every episode of {what} failed ({len(failed)} of {len(failed)}); the first error: {first}. "
                              "Fix the environment or its tools (check it with alp_agents.envs.check_env on one task), then rerun")

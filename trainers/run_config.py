@@ -37,7 +37,8 @@ class EnvSection(Config):
     id: str = "alp_agents/ToolMath-v0"
     """gymnasium id of the environment (registered by importing its package)."""
     kwargs: dict[str, Any] = Field(default_factory=dict)
-    """Constructor arguments of the environment, e.g. {max_turns = 3, tools = ["calculator", "python"]}; checked at load
+    """Constructor arguments of the environment, e.g. {max_turns = 3, tools = ["calculator", "python"]} (max_turns: the
+    episode's turn budget, which the environment owns and enforces); checked at load
     by building one environment."""
 
 
@@ -144,6 +145,23 @@ class TrainConfig(Config):
     trainer: TrainerConfig = Field(default_factory=lambda: TrainerConfig(lr=1e-5))
     """The update: algorithm (alp | bypass | grpo | tis | mis | gspo), loss, optimizer, batching."""
     schedule: ScheduleSection = Field(default_factory=ScheduleSection)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _turn_budget_to_the_env(cls, data: Any) -> Any:
+        """A config written when the loop had a turn budget of its own (rollout.limits.max_turns, saved by runs before
+        the environment owned it) loads with that budget moved into env.kwargs.max_turns, where it is enforced now."""
+        limits = data.get("rollout", {}).get("limits", {}) if isinstance(data, dict) and isinstance(data.get("rollout"), dict) else {}
+        if not isinstance(limits, dict) or "max_turns" not in limits:
+            return data
+        turns = limits["max_turns"]
+        env = dict(data.get("env") or {})
+        kwargs = dict(env.get("kwargs") or {})
+        if kwargs.setdefault("max_turns", turns) != turns:
+            raise ValueError(f"rollout.limits.max_turns = {turns} and env.kwargs.max_turns = {kwargs['max_turns']}: the environment "
+                             "owns the turn budget now; remove rollout.limits.max_turns")
+        rollout = {**data["rollout"], "limits": {k: v for k, v in limits.items() if k != "max_turns"}}
+        return {**data, "rollout": rollout, "env": {**env, "kwargs": kwargs}}
 
     @model_validator(mode="after")
     def _score_at_the_sampling_temperature(self) -> TrainConfig:

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from alp_agents.config import Config
 from alp_agents.demonstrations import TokenizedExample
+from alp_agents.trainers.batching import right_pad
 from alp_agents.trainers.logprobs import token_logprobs
 
 
@@ -52,15 +53,9 @@ def sft_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
 
 def pad_examples(examples: Sequence[TokenizedExample], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-pad examples into (input_ids, attention_mask, loss_mask), each (B, T)."""
-    T = max(len(e.token_ids) for e in examples)
-    input_ids = torch.full((len(examples), T), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), T), dtype=torch.long)
-    loss_mask = torch.zeros((len(examples), T), dtype=torch.float32)
-    for i, example in enumerate(examples):
-        n = len(example.token_ids)
-        input_ids[i, :n] = torch.tensor(example.token_ids)
-        attention_mask[i, :n] = 1
-        loss_mask[i, :n] = torch.tensor(example.loss_mask, dtype=torch.float32)
+    input_ids = right_pad([e.token_ids for e in examples], value=pad_token_id, dtype=torch.long)
+    attention_mask = right_pad([[1] * len(e.token_ids) for e in examples], dtype=torch.long)
+    loss_mask = right_pad([e.loss_mask for e in examples], dtype=torch.float32)
     return input_ids, attention_mask, loss_mask
 
 
