@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn, Optional
 
@@ -345,6 +347,8 @@ def main() -> None:
     """
     from alp_agents.errors import AlpError, Interrupted
 
+    if "" not in sys.path and os.getcwd() not in sys.path:  # as `python -m` does: your env, task and tool modules
+        sys.path.insert(0, os.getcwd())  # import from the directory you run `alp` in (env.id = "my_module:MyEnv-v0")
     signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM unwinds like Ctrl-C: engines close, nothing is left behind
     try:
         app()

@@ -6,6 +6,7 @@ after it are measured by the training loop's own evaluation (iteration 0 and the
 
 from __future__ import annotations
 
+import shutil
 import time
 from importlib import resources
 from pathlib import Path
@@ -90,6 +91,9 @@ def run_demo(out_dir: Path, overrides: list[str], *, console: Console, engine: I
     sft_dir = warm_start(out_dir, cfg, train_tasks, console=console)
 
     console.rule("4/4 RL with ALP")
+    if (out_dir / "rl").exists():
+        console.print(f"replacing the previous demo run in {out_dir / 'rl'}")
+        shutil.rmtree(out_dir / "rl")
     rows = train(cfg.rl, out_dir / "rl", env_factory=jobs.env_factory(cfg.rl.env), model_dir=sft_dir,
                  train_tasks=train_tasks, eval_tasks=eval_tasks, engine=engine)
     before, after = rows[0], rows[-1]

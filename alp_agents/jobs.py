@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import difflib
-import importlib
 import json
 import os
 import re
@@ -37,6 +36,7 @@ from alp_agents.envs.tasks import BUILTIN_DATASETS, FieldMap, TaskError, load_bu
 from alp_agents.envs.demos import make_demonstrations
 from alp_agents.errors import ConfigError, ModelError
 from alp_agents.evaluation import RolloutStats, rollout_stats
+from alp_agents.importing import import_module, import_target
 from alp_agents.rollout import EpisodeEnv, RolloutLimits, collect
 from alp_agents.tiny import build_tiny_model
 from alp_agents.trajectory import Trajectory, read_trajectories, write_trajectories
@@ -63,7 +63,10 @@ def env_factory(section: EnvSection) -> Callable[[], EpisodeEnv]:
     """
     module, _, env_id = section.id.rpartition(":")
     if module:
-        importlib.import_module(module)
+        try:
+            import_module(module)
+        except ImportError as error:
+            raise ConfigError(f"env.id {section.id!r}: {error}") from error
     if env_id not in gymnasium.registry:
         known = sorted(i for i in gymnasium.registry if i.startswith("alp_agents/"))
         close = difflib.get_close_matches(env_id, list(gymnasium.registry), n=1)
@@ -193,10 +196,9 @@ def python_tasks(target: str, *, limit: int | None = None) -> list[Task]:
     if not module_name or not function_name:
         raise ConfigError(f"data.path {target!r} must be 'module:function' for data.source = 'python', e.g. 'my_tasks:make_tasks'")
     try:
-        function = getattr(importlib.import_module(module_name), function_name)
-    except (ImportError, AttributeError) as error:
-        raise ConfigError(f"data.path {target!r}: {type(error).__name__}: {error} (the module must be importable: on PYTHONPATH "
-                          "or installed)") from error
+        function = import_target(target)
+    except ImportError as error:
+        raise ConfigError(f"data.path {target!r}: {error}") from error
     tasks: list[Task] = []
     for i, item in enumerate(function()):
         if limit is not None and i >= limit:

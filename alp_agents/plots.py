@@ -82,18 +82,10 @@ def _lines(rows: list[Row], keys: list[str], title: str, ylabel: str, path: Path
                   label=key, alpha=0.85)
         if twin and len(present) == 2:
             axis.set_ylabel(key, color=f"C{i}")
-    if not (twin and len(present) == 2):
-        ax.set_ylabel(ylabel)
-        ax.legend(fontsize=8)
     if log_y:
         ax.set_yscale("log")
-    ax.set_xlabel("iteration")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    _label_iterations(ax, title, None if twin and len(present) == 2 else ylabel)  # twin axes carry their own labels
+    return _save(fig, path)
 
 
 def _ratio_envelope(rows: list[Row], path: Path) -> Path | None:
@@ -108,15 +100,8 @@ def _ratio_envelope(rows: list[Row], path: Path) -> Path | None:
     ax.plot(x, p50, color="C0", label="median")
     ax.axhline(1.0, color="gray", lw=0.8, ls="--")
     ax.set_yscale("log")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("importance ratio (log scale)")
-    ax.set_title("Importance-ratio envelope of the update")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    _label_iterations(ax, "Importance-ratio envelope of the update", "importance ratio (log scale)")
+    return _save(fig, path)
 
 
 def _staleness(rows: list[Row], path: Path) -> Path | None:
@@ -126,11 +111,7 @@ def _staleness(rows: list[Row], path: Path) -> Path | None:
     fig, (over_time, histogram) = plt.subplots(1, 2, figsize=(10, 4))
     over_time.plot(x, mean, color="C0", label="mean")
     over_time.plot(*_series(rows, "staleness/max"), color="C3", label="max")
-    over_time.set_xlabel("iteration")
-    over_time.set_ylabel("policy versions behind")
-    over_time.set_title("Staleness of trained tokens")
-    over_time.legend(fontsize=8)
-    over_time.grid(alpha=0.3)
+    _label_iterations(over_time, "Staleness of trained tokens", "policy versions behind")
     prefix = "staleness/tokens_at_lag_"
     tokens: dict[int, float] = {}
     for row in rows:
@@ -142,6 +123,20 @@ def _staleness(rows: list[Row], path: Path) -> Path | None:
     histogram.set_xlabel("policy versions behind")
     histogram.set_ylabel("trained tokens (whole run)")
     histogram.set_title("Staleness histogram")
+    return _save(fig, path)
+
+
+def _label_iterations(ax: plt.Axes, title: str, ylabel: str | None) -> None:
+    """Iterations along x, `ylabel` (None: leave the axes' own) and a legend, the title, a light grid."""
+    if ylabel is not None:
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=8)
+    ax.set_xlabel("iteration")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

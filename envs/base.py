@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import gymnasium
 from gymnasium import spaces
-from pydantic import ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError, model_validator
 from typing_extensions import TypedDict  # pydantic can validate typing.TypedDict only from Python 3.12
 
 from alp_agents.envs.tasks import Task
@@ -67,6 +67,13 @@ class TurnResult(TurnFacts):
     """Reward for this turn (finite)."""
     terminated: bool = False
     """The task is over (answered, or given up); the turn limit is not the subclass's business."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _void_renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "void_turn" in data:
+            raise ValueError("TurnResult's void_turn is now called void: write TurnResult(..., void=...)")
+        return data
 
 
 class AssistantText(spaces.Text):

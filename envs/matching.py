@@ -12,7 +12,6 @@ code, a chemical formula) is better matched exactly, where `2024-05-01` is never
 from __future__ import annotations
 
 import functools
-import importlib
 import re
 from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
@@ -20,6 +19,7 @@ from typing import Literal, get_args
 
 from alp_agents.envs.grading import is_equivalent
 from alp_agents.errors import EnvError
+from alp_agents.importing import import_target
 
 AnswerMatch = Literal["math", "exact", "numeric"]
 Matcher = Callable[[str, str], bool]
@@ -42,9 +42,9 @@ def answer_matcher(match: AnswerMatch | str | Matcher, *, timeout_s: float = 2.0
     module, _, name = match.partition(":")
     if module and name:
         try:
-            function = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError) as error:
-            raise EnvError(f"answer_match {match!r}: {type(error).__name__}: {error}") from error
+            function = import_target(match)
+        except ImportError as error:
+            raise EnvError(f"answer_match {match!r}: {error}") from error
         if callable(function):
             return function
     raise EnvError(f"answer_match must be one of {', '.join(map(repr, get_args(AnswerMatch)))}, 'module:function' or a callable "

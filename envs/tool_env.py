@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import difflib
 import json
-import importlib
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -29,6 +28,7 @@ from alp_agents.envs.grading import extract_answer
 from alp_agents.envs.matching import AnswerMatch, Matcher, answer_matcher
 from alp_agents.envs.tasks import Task
 from alp_agents.errors import EnvError, ToolError
+from alp_agents.importing import import_target
 from alp_agents.tools import BUILTIN_TOOLS, Tool, ToolCallError, ToolRegistry
 from alp_agents.tools.parsing import TOOL_CALL_STYLES, VLLM_FORMATS, tool_call_parser
 from alp_agents.trajectory import Message, ToolCall
@@ -181,8 +181,7 @@ def tool_registry(names: str | Sequence[str]) -> ToolRegistry:
 
 
 def _make_tools(name: str) -> Tool[Any] | ToolRegistry:
-    module, sep, attribute = name.partition(":")
-    if not sep:
+    if ":" not in name:
         if name not in BUILTIN_TOOLS:
             close = difflib.get_close_matches(name, list(BUILTIN_TOOLS), n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
@@ -190,9 +189,9 @@ def _make_tools(name: str) -> Tool[Any] | ToolRegistry:
                             "or 'module:attribute' for your own")
         return BUILTIN_TOOLS[name]()
     try:
-        target = getattr(importlib.import_module(module), attribute)
-    except (ImportError, AttributeError) as e:
-        raise ToolError(f"tool {name!r} cannot be imported ({e}): expected 'module:attribute' on the import path") from e
+        target = import_target(name)
+    except ImportError as e:
+        raise ToolError(f"tool {name!r} cannot be imported: {e}") from e
     made = target() if callable(target) and not isinstance(target, Tool) else target
     if not isinstance(made, (Tool, ToolRegistry)):
         raise ToolError(f"tool {name!r} is a {type(made).__name__}: expected a Tool, a Tool class, "

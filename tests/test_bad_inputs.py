@@ -51,6 +51,9 @@ def files(tmp_path: Path) -> Path:
     (tmp_path / "latin1.jsonl").write_bytes(TASK.encode() + b"\n" + latin1_task)
     (tmp_path / "run.toml").write_text("[schedule]\niterations = 2\n", encoding="utf-8")
     (tmp_path / "a-file").write_text("", encoding="utf-8")
+    (tmp_path / "needs_dependency.py").write_text("import not_installed_anywhere\n", encoding="utf-8")
+    (tmp_path / "used-run").mkdir()
+    (tmp_path / "used-run" / "metrics.jsonl").write_text('{"iteration": 0}\n', encoding="utf-8")
     return tmp_path
 
 
@@ -91,7 +94,14 @@ TRAIN_CASES = {
     "no tasks left to train on": (["--set", "data.source=jsonl", "--set", "data.path=good.jsonl"],
                                   ["data.eval_size = 64 holds out all 1 tasks of good.jsonl", "lower data.eval_size"]),
     "env kwargs typo": (["--set", "env.kwargs.max_turn=3"], ["env.kwargs {'max_turn': 3}", "unexpected keyword argument 'max_turn'"]),
+    "env module not importable": (["--set", "env.id=my_missing_envs:Mine-v0"],
+                                  ["env.id 'my_missing_envs:Mine-v0': no module named 'my_missing_envs' on the import path",
+                                   "run from the directory that holds my_missing_envs.py", "add that directory to PYTHONPATH"]),
+    "env module lacks a dependency": (["--set", "env.id=needs_dependency:Mine-v0"],
+                                      ["importing 'needs_dependency' failed: it imports 'not_installed_anywhere', which is not installed"]),
     "run dir not writable": (["--run-dir", "a-file/run"], ["run directory a-file/run cannot be written"]),
+    "run dir holds a run": (["--run-dir", "used-run"], ["run directory used-run already holds a run: continue it with "
+                                                        "`alp train --run-dir used-run --resume`", "or choose another --run-dir"]),
     "bad --set blamed on the override": (["--config", "run.toml", "--set", "schedule.iteratons=3"],
                                          ["did you mean 'schedule.iterations'? (from --set schedule.iteratons=3)"]),
 }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -51,6 +52,16 @@ def test_update_outside_torchrun_says_how_to_launch_it(tmp_path, monkeypatch):
     out = alp("update", "--model", str(tmp_path / "m"), "--trajectories", str(tmp_path / "t.jsonl"))
     assert out.returncode == 2
     assert "alp update runs under torchrun, one rank or more: torchrun --nproc-per-node N -m alp_agents.cli update" in " ".join(out.stderr.split())
+
+
+def test_the_alp_script_imports_your_modules_from_the_working_directory(tmp_path):
+    # A console script's sys.path starts at its bin directory, not where it runs: `alp` adds the latter, as `python -m` does.
+    (tmp_path / "my_envs.py").write_text("IMPORTED = True\n", encoding="utf-8")
+    script = Path(sys.executable).parent / "alp"
+    out = subprocess.run([str(script), "train", "--run-dir", "run", "--set", "env.id=my_envs:Mine-v0"], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=300)
+    assert out.returncode == 2
+    assert "env.id 'my_envs:Mine-v0' is not registered" in out.stderr  # imported; it just registers nothing
 
 
 def test_max_turns_is_the_envs_argument_given_once():

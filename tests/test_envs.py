@@ -481,3 +481,9 @@ def test_tool_math_with_python_passes_check_env(python_tools):
     with gymnasium.make("alp_agents/ToolMath-v0", tasks=tasks, tools=python_tools) as env:
         check_env(env)  # hermes calls to either tool
     assert python_tools.get("python")(code="print(1)") == "1"  # closing the envs left the shared tools open
+
+
+def test_a_turn_result_written_with_the_old_void_turn_name_says_its_new_name():
+    with pytest.raises(ValueError, match=r"void_turn is now called void: write TurnResult\(\.\.\., void=\.\.\.\)"):
+        TurnResult(void_turn=True)
+    assert TurnResult(void=True).void is True

@@ -65,6 +65,36 @@ def program(source: str) -> str:
     return textwrap.dedent(source).strip() + "\n"
 
 
+FORK_UNTIL_REFUSED = program("""
+    import os, time
+    started = 0
+    try:
+        while started < 500:
+            if os.fork() == 0:
+                time.sleep(30)
+                os._exit(0)
+            started += 1
+    except OSError as e:
+        print("refused", type(e).__name__)
+    print(started)
+    """)
+"""Forks sleeping children until the process cap refuses one; prints how (if it was refused), then how many it started."""
+
+FOUR_PROCESSES_OF_64_MB = program("""
+    import os, time
+    pids = []
+    for i in range(4):
+        pid = os.fork()
+        if pid == 0:
+            data = b"x" * (64 << 20)
+            time.sleep(2)
+            os._exit(0)
+        pids.append(pid)
+    print("finished", sum(os.waitpid(pid, 0)[1] == 0 for pid in pids))
+    """)
+"""Each process passes a per-process limit of 128 MB; together they exceed a limit on the whole sandbox."""
+
+
 # ---------------------------------------------------------------------- ordinary programs
 
 
@@ -261,24 +291,10 @@ def test_output_flood_is_capped_and_stopped(sandbox: PythonSandbox) -> None:
 
 
 def test_process_count_is_limited(sandbox: PythonSandbox) -> None:
-    result = sandbox.run(
-        program("""
-        import os, time
-        started = 0
-        try:
-            while started < 500:
-                if os.fork() == 0:
-                    time.sleep(30)
-                    os._exit(0)
-                started += 1
-        except OSError as e:
-            print("fork refused:", type(e).__name__)
-        print("children", started)
-        """)
-    )
-    assert "fork refused: BlockingIOError" in result.stdout
-    children = int(result.stdout.split("children")[1])
-    assert children < 32  # max_processes of the fixture, the runner itself included
+    result = sandbox.run(FORK_UNTIL_REFUSED)
+    refused, started = result.stdout.splitlines()
+    assert refused == "refused BlockingIOError"
+    assert int(started) < 32  # max_processes of the fixture, the runner itself included
 
 
 def test_fork_bomb_is_contained_and_leaves_nothing(sandbox: PythonSandbox) -> None:
@@ -322,21 +338,7 @@ def test_memory_limit_holds_for_all_processes_together() -> None:
     # Four processes of 64 MB each pass a per-process limit of 128 MB; the cgroup's total does not.
     with PythonSandbox(timeout_s=30.0, memory_mb=128) as small:
         assert small.cgroups
-        result = small.run(
-            program("""
-            import os, time
-            pids = []
-            for i in range(4):
-                pid = os.fork()
-                if pid == 0:
-                    data = b"x" * (64 << 20)
-                    time.sleep(2)
-                    os._exit(0)
-                pids.append(pid)
-            finished = sum(os.waitpid(pid, 0)[1] == 0 for pid in pids)
-            print("finished", finished)
-            """)
-        )
+        result = small.run(FOUR_PROCESSES_OF_64_MB)
     assert result.oom_killed
     assert "finished 4" not in result.stdout
 

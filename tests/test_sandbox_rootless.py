@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_sandbox import processes_named, program, unique_name, wait_until
+from test_sandbox import FORK_UNTIL_REFUSED, FOUR_PROCESSES_OF_64_MB, processes_named, program, unique_name, wait_until
 
 from alp_agents.errors import SandboxError
 from alp_agents.tools import sandbox as sandbox_module
@@ -269,26 +269,13 @@ def test_fork_bomb_is_stopped_and_leaves_nothing(python: str) -> None:
 def test_process_cap_counts_each_sandbox_alone(python: str) -> None:
     # 40 processes of the same host user exist meanwhile: a budget shared per uid would leave no
     # room under max_processes=32, a cap per sandbox still lets the program start most of its 32.
-    code = program("""
-        import os, time
-        started = 0
-        try:
-            while started < 100:
-                if os.fork() == 0:
-                    time.sleep(30)
-                    os._exit(0)
-                started += 1
-        except OSError as e:
-            print("refused", type(e).__name__)
-        print(started)
-        """)
     outcome = run_unprivileged(
         python,
         f"""
         import subprocess
         sleepers = [subprocess.Popen(["sleep", "60"]) for _ in range(40)]
         with PythonSandbox(timeout_s=10, max_processes=32) as sandbox:
-            result = sandbox.run({code!r})
+            result = sandbox.run({FORK_UNTIL_REFUSED!r})
         for sleeper in sleepers:
             sleeper.kill()
         print(json.dumps(result.model_dump()))
@@ -391,35 +378,8 @@ def test_cgroup_v2_caps_each_sandbox_as_a_whole(fresh_detection: None, monkeypat
     # Four processes of 64 MB each pass a per-process limit of 128 MB; the cgroup's total does not.
     with PythonSandbox(timeout_s=30.0, memory_mb=128, max_processes=16) as small:
         assert small.limits_enforced_by == "cgroup-v2"
-        memory = small.run(
-            program("""
-            import os, time
-            pids = []
-            for i in range(4):
-                pid = os.fork()
-                if pid == 0:
-                    data = b"x" * (64 << 20)
-                    time.sleep(2)
-                    os._exit(0)
-                pids.append(pid)
-            print("finished", sum(os.waitpid(pid, 0)[1] == 0 for pid in pids))
-            """)
-        )
-        forks = small.run(
-            program("""
-            import os, time
-            started = 0
-            try:
-                while started < 100:
-                    if os.fork() == 0:
-                        time.sleep(30)
-                        os._exit(0)
-                    started += 1
-            except OSError:
-                pass
-            print(started)
-            """)
-        )
+        memory = small.run(FOUR_PROCESSES_OF_64_MB)
+        forks = small.run(FORK_UNTIL_REFUSED)
     assert memory.oom_killed and "finished 4" not in memory.stdout
-    assert 0 < int(forks.stdout) < 16
+    assert 0 < int(forks.stdout.split()[-1]) < 16
     assert not [path for path in limits.v2_parent.iterdir() if path.is_dir()]  # every run's cgroup is removed

@@ -50,7 +50,8 @@ def test_text_without_calls_gives_nothing() -> None:
         ("[1, 2]", 'expected a JSON object with "name" and "arguments", got an array'),
         ('{"arguments": {}}', 'the call has no "name" string'),
         ('{"name": "f", "arguments": [1]}', '"arguments" must be a JSON object, got an array'),
-        ('{"name": "f", "arguments": "{oops"}', '"arguments" is a string but not valid JSON'),
+        ('{"name": "f", "arguments": "{oops"}', '"arguments" (a JSON string): not valid JSON (at char 1'),
+        ('{"name": "f", "arguments": "[1]"}', '"arguments" (a JSON string): an array, not a JSON object'),
     ],
 )
 def test_malformed_calls_become_errors_that_say_what_is_wrong(body: str, message: str) -> None:
@@ -120,7 +121,7 @@ WELL_FORMED = {
 }
 MALFORMED = {  # (text, what the error message says)
     "llama3_json": ('{"name": "calculator", "parameters": {"expression": "1234 * 56"}', "this llama3_json tool call cannot be read; write a call as {\"name\""),
-    "mistral": ('[TOOL_CALLS]calculator[ARGS]{"expression": "1234 *', "the arguments of 'calculator' are not valid JSON"),
+    "mistral": ('[TOOL_CALLS]calculator[ARGS]{"expression": "1234 *', "the arguments of 'calculator': not valid JSON"),
     "pythonic": ('[calculator(expression="1234 * 56"]', "this pythonic tool call cannot be read; write a call as [calculator("),
     "qwen3_coder": ('<tool_call>\n{"name": "calculator", "arguments": {}}\n</tool_call>',  # hermes JSON where XML belongs
                     "this qwen3_coder tool call cannot be read; write a call as <tool_call>\n<function=calculator>"),

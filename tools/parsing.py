@@ -142,14 +142,24 @@ def _read_hermes_call(body: str, raw: str) -> ToolCall | ToolCallError:
         return ToolCallError(raw=raw, message='the call has no "name" string (expected {"name": ..., "arguments": {...}})')
     arguments = call.get("arguments", call.get("parameters", {}))
     if isinstance(arguments, str):  # arguments encoded as a JSON string
-        try:
-            arguments = json.loads(arguments) if arguments.strip() else {}
-        except json.JSONDecodeError as e:
-            return ToolCallError(raw=raw, message=f'"arguments" is a string but not valid JSON (at char {e.pos}: {e.msg})')
-    if not isinstance(arguments, dict):
-        return ToolCallError(raw=raw, message=f'"arguments" must be a JSON object, got {_json_type(arguments)}')
+        arguments = _decode_arguments(arguments, raw, '"arguments" (a JSON string)')
+    elif not isinstance(arguments, dict):
+        arguments = ToolCallError(raw=raw, message=f'"arguments" must be a JSON object, got {_json_type(arguments)}')
+    if isinstance(arguments, ToolCallError):
+        return arguments
     call_id = call.get("id")
     return ToolCall(name=name, arguments=arguments, id=call_id if isinstance(call_id, str) else None)
+
+
+def _decode_arguments(text: str, raw: str, subject: str) -> dict[str, Any] | ToolCallError:
+    """Arguments written as JSON text ("" for none) as a dict, or a ToolCallError whose message starts with `subject`."""
+    try:
+        decoded = json.loads(text) if text.strip() else {}
+    except json.JSONDecodeError as e:
+        return ToolCallError(raw=raw, message=f"{subject}: not valid JSON (at char {e.pos}: {e.msg})")
+    if not isinstance(decoded, dict):
+        return ToolCallError(raw=raw, message=f"{subject}: {_json_type(decoded)}, not a JSON object")
+    return decoded
 
 
 def _parse_python(text: str) -> list[ToolCall | ToolCallError]:
@@ -193,13 +203,9 @@ class _VLLMParser:
         return [ToolCallError(raw=raw, message=f"this {self.name} tool call cannot be read; write a call as {self.spec.example}")]
 
     def _read(self, name: str, arguments: str) -> ToolCall | ToolCallError:
-        raw = f"{name} {arguments}"
-        try:
-            decoded = json.loads(arguments) if arguments.strip() else {}
-        except json.JSONDecodeError as e:
-            return ToolCallError(raw=raw, message=f"the arguments of {name!r} are not valid JSON (at char {e.pos}: {e.msg})")
-        if not isinstance(decoded, dict):
-            return ToolCallError(raw=raw, message=f"the arguments of {name!r} must be an object, got {_json_type(decoded)}")
+        decoded = _decode_arguments(arguments, f"{name} {arguments}", f"the arguments of {name!r}")
+        if isinstance(decoded, ToolCallError):
+            return decoded
         return ToolCall(name=name, arguments=decoded)  # vLLM's random call ids are dropped: the model never wrote them
 
 

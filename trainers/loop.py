@@ -84,6 +84,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, env_factory: Callable[[], Ep
     if resume:
         model_dir, trainer_state, state = run.load_checkpoint()
         run.truncate_metrics(after_iteration=state.iteration)
+    else:
+        run.refuse_a_second_run()
     run.write_config(cfg)  # when resuming: the saved one, with the schedule `--set` may have extended
     tokenizer = load_tokenizer(model_dir, cfg.model.chat_template)  # before the policy loads: a bad template fails in a second
     if trainer is None:

@@ -55,6 +55,13 @@ class RunDir:
         self.checkpoint_path = self.path / "checkpoint"
         self._writer: SummaryWriter | None = None
 
+    def refuse_a_second_run(self) -> None:
+        """ConfigError when the directory already holds a run: a new one would append its metrics to the old run's and
+        replace its checkpoint."""
+        if self.metrics_path.exists() or self.checkpoint_path.exists():
+            raise ConfigError(f"run directory {self.path} already holds a run: continue it with `alp train --run-dir {self.path} "
+                              "--resume` (--set schedule.iterations=N for more), or choose another --run-dir")
+
     def write_config(self, cfg: Config) -> None:
         (self.path / "config.json").write_text(cfg.model_dump_json(indent=2) + "\n", encoding="utf-8")
 
