@@ -31,10 +31,11 @@ from alp_agents.demonstrations import read_demonstrations, tokenize_demonstratio
 from alp_agents.engines.base import SamplingConfig
 from alp_agents.engines.factory import EngineSection, start_engine
 from alp_agents.engines.openai_server import WeightsTransport
+from alp_agents.engines.vllm_setup import model_directory
 from alp_agents.envs import Task, TextEnv, arithmetic_tasks, split_tasks
 from alp_agents.envs.tasks import BUILTIN_DATASETS, FieldMap, TaskError, load_builtin_tasks, load_hub_tasks, load_task_file
 from alp_agents.envs.demos import make_demonstrations
-from alp_agents.errors import ConfigError, ModelError
+from alp_agents.errors import ConfigError
 from alp_agents.evaluation import RolloutStats, rollout_stats
 from alp_agents.importing import import_module, import_target
 from alp_agents.rollout import EpisodeEnv, RolloutLimits, collect
@@ -217,18 +218,6 @@ def resolve_model(section: ModelSection, work_dir: Path) -> Path:
     if section.path:
         return model_directory(section.path, option="model.path")
     return build_tiny_model(work_dir / f"default-{section.size}-seed{section.seed}", seed=section.seed, size=section.size)
-
-
-def model_directory(path: str | Path, *, option: str) -> Path:
-    """`path`, if it is a Hugging Face model directory; else ModelError naming `option` and the path.
-
-    Without this check, transformers reads a missing directory as a model hub id and fails deep inside.
-    """
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        found = "does not exist" if not path.exists() else "is not a Hugging Face model directory (no config.json)"
-        raise ModelError(f"{option} {str(path)!r} {found}: pass a model directory, e.g. one written by `alp init-model DIR` or `alp sft`")
-    return path
 
 
 # -- alp train ------------------------------------------------------------------------------------

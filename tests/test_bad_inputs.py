@@ -203,7 +203,9 @@ def test_tools_by_import_path_and_who_closes_them(user_tools):
     ("tools", "message"),
     [
         (["calculater"], r"unknown tool 'calculater'; did you mean 'calculator'\? built-in tools: calculator, python, or 'module:attribute'"),
-        (["no_such_module_xyz:tools"], r"tool 'no_such_module_xyz:tools' cannot be imported \(No module named 'no_such_module_xyz'\)"),
+        (["no_such_module_xyz:tools"], r"tool 'no_such_module_xyz:tools' cannot be imported: no module named 'no_such_module_xyz' on the "
+                                        r"import path \(the working directory is .*\): run from the directory that holds no_such_module_xyz\.py"),
+        (["json:no_such_tool"], r"tool 'json:no_such_tool' cannot be imported: module 'json' \(.*json/__init__\.py\) has no attribute 'no_such_tool'"),
         (["json:__doc__"], r"tool 'json:__doc__' is a str: expected a Tool, a Tool class, or a function returning"),
     ],
 )

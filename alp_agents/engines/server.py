@@ -30,9 +30,9 @@ from typing import TYPE_CHECKING, Any, Self
 
 import httpx
 
-from alp_agents.engines.vllm_setup import VLLMSettings, configure_vllm_environment, engine_arguments
+from alp_agents.engines.vllm_setup import VLLMSettings, configure_vllm_environment, engine_arguments, model_directory
 from alp_agents.engines.weight_upload import MIDDLEWARE as UPLOAD_MIDDLEWARE
-from alp_agents.errors import EngineUnavailable, ModelError
+from alp_agents.errors import EngineUnavailable
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -86,8 +86,7 @@ def start_vllm_server(
     `bwrap ...` that gives the server its own mount namespace). Raises EngineUnavailable (with the
     log's tail) if the server exits or is not healthy within `startup_timeout_s`.
     """
-    if not (Path(model_dir) / "config.json").is_file():
-        raise ModelError(f"{model_dir} is not a model directory (no config.json); build one with `alp init-model`")
+    model_directory(model_dir)
     port = port or _free_port(host)
     configure_vllm_environment()
     arguments = engine_arguments(str(model_dir), seed=seed, settings=settings)

@@ -50,9 +50,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from alp_agents.engines.base import ClosesOnExit, EngineThread, Generation, NamedTensors, SamplingConfig, checked_prompt
-from alp_agents.engines.vllm_setup import VLLMSettings, configure_vllm_environment, engine_arguments, sampling_arguments
+from alp_agents.engines.vllm_setup import (
+    VLLMSettings,
+    configure_vllm_environment,
+    engine_arguments,
+    model_directory,
+    sampling_arguments,
+)
 from alp_agents.engines.weight_sync import LOAD_METHOD, raise_for_load_reports, weights_file
-from alp_agents.errors import EngineError, EngineTimeout, EngineUnavailable, ModelError
+from alp_agents.errors import EngineError, EngineTimeout, EngineUnavailable
 from alp_agents.reaper import reap_children_on_exit
 
 T = TypeVar("T")
@@ -102,8 +108,7 @@ class VLLMEngine(ClosesOnExit):
 
         `settings`: dtype, context length, GPU memory share, tensor parallelism and other vLLM engine arguments.
         """
-        if not (Path(model_dir) / "config.json").is_file():
-            raise ModelError(f"{model_dir} is not a model directory (no config.json); build one with `alp init-model`")
+        model_directory(model_dir)
         configure_vllm_environment()
         reap_children_on_exit()
         arguments = engine_arguments(str(model_dir), seed=seed, settings=settings)

@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import functools
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,6 +22,7 @@ from pydantic import Field, field_validator
 from alp_agents.config import Config
 from alp_agents.engines.base import SamplingConfig
 from alp_agents.engines.weight_sync import WORKER_EXTENSION
+from alp_agents.errors import ModelError
 
 FIXED = "the loss and the weight updates rely on its value"
 OWN_ARGUMENTS = {
@@ -113,3 +115,15 @@ def sampling_arguments(sampling: SamplingConfig) -> dict[str, Any]:
         logprobs=0,  # the sampled token's log-prob only, no top-k alternatives
         detokenize=bool(sampling.stop),  # stop strings are matched on text; otherwise ids are all we need
     )
+
+
+def model_directory(path: str | Path, *, option: str = "model directory") -> Path:
+    """`path`, if it is a Hugging Face model directory; else ModelError naming `option` and the path.
+
+    Without this check, transformers reads a missing directory as a model hub id and fails deep inside.
+    """
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        found = "does not exist" if not path.exists() else "is not a Hugging Face model directory (no config.json)"
+        raise ModelError(f"{option} {str(path)!r} {found}: pass a model directory, e.g. one written by `alp init-model DIR` or `alp sft`")
+    return path
