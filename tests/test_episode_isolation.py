@@ -198,6 +198,23 @@ def test_an_env_blocking_the_loop_is_named_in_a_warning_and_its_episode_fails(to
     assert "BlockingEnv.astep" in warning and "test_episode_isolation.py" in warning
 
 
+class SlowToCloseEnv(MathEnv):
+    """Takes a second to close, as an env killing its processes may (the classic case: a sandbox pool of its own)."""
+
+    def close(self):
+        time.sleep(1.0)
+        super().close()
+
+
+def test_closing_envs_never_blocks_the_event_loop(tokenizer, caplog, monkeypatch):
+    monkeypatch.setattr(rollout, "LOOP_STALL_WARNING_S", 0.5)
+    with caplog.at_level(logging.WARNING, logger="alp_agents.rollout"):
+        trajectories = collect_sync(SlowToCloseEnv, [TASK] * 3, ScriptedEngine(tokenizer, [ANSWER]), tokenizer,
+                                    sampling=SamplingConfig(), progress=False)
+    assert [t.finish_reason for t in trajectories] == ["terminated"] * 3
+    assert not [r for r in caplog.records if "event loop has been blocked" in r.getMessage()]  # closed in CLOSE_THREADS
+
+
 # ---------------------------------------------------------------------------------------------
 # 5. Sandbox timeouts, memory kills and failed programs are tool errors, shown by `alp show`
 # ---------------------------------------------------------------------------------------------
