@@ -81,8 +81,10 @@ def make_demos(
     from alp_agents import jobs
     from alp_agents.trainers.run_config import EnvSection
 
-    path, count = jobs.make_demos(out, EnvSection(id=env, kwargs=parse_env_args(env_args)), data, n=n, difficulty=difficulty, seed=seed)
-    console.print(f"wrote {count} demonstrations to {path}")
+    path, count, held_out = jobs.make_demos(out, EnvSection(id=env, kwargs=parse_env_args(env_args)), data, n=n, difficulty=difficulty,
+                                            seed=seed)
+    left_out = f" ({held_out} of the env's tasks left out: those `alp train` holds out to evaluate on by default)" if held_out else ""
+    console.print(f"wrote {count} demonstrations to {path}{left_out}")
 
 
 @app.command()
@@ -113,7 +115,7 @@ def train_command(
     """The RL loop: rollouts, ALP update, weight sync, evaluation, checkpoints."""
     from alp_agents import jobs
 
-    from alp_agents.trainers.loop import why_never_updated
+    from alp_agents.trainers.loop import held_out_summary, why_never_updated
 
     extra = ([f"trainer.algo={algo}"] if algo else []) + ([f"engine.servers={json.dumps(servers)}"] if servers else [])
     rows = jobs.train_from_config(config, (overrides or []) + extra, run_dir, resume=resume)
@@ -122,6 +124,8 @@ def train_command(
     model = run_dir / "checkpoint" / "model"
     console.print(f"done: iteration {rows[-1]['iteration']}; metrics, checkpoint and plots in {run_dir}; the trained model is {model} "
                   f"(alp eval --model {model} ...; more iterations: alp train --run-dir {run_dir} --resume --set schedule.iterations=N)")
+    if summary := held_out_summary(rows):
+        console.print(summary)
     if problem := why_never_updated(rows):
         stderr.print("[bold red]warning:[/]", escape(problem))
         raise SystemExit(NEVER_UPDATED_EXIT_CODE)

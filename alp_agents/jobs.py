@@ -20,7 +20,6 @@ from typing import Any, TypeVar, cast
 import gymnasium
 import torch
 import torch.distributed as dist
-from gymnasium.wrappers import OrderEnforcing, PassiveEnvChecker, TimeLimit
 from pydantic import BaseModel, ValidationError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -32,10 +31,10 @@ from alp_agents.engines.base import SamplingConfig
 from alp_agents.engines.factory import EngineSection, start_engine
 from alp_agents.engines.openai_server import WeightsTransport
 from alp_agents.engines.vllm_setup import model_directory
-from alp_agents.envs import Task, TextEnv, arithmetic_tasks, split_tasks
+from alp_agents.envs import Task, TextEnv, arithmetic_tasks, env_the_loop_plays, split_tasks
 from alp_agents.envs.tasks import BUILTIN_DATASETS, FieldMap, TaskError, load_builtin_tasks, load_hub_tasks, load_task_file
 from alp_agents.envs.demos import make_demonstrations
-from alp_agents.errors import ConfigError
+from alp_agents.errors import ConfigError, EnvError
 from alp_agents.evaluation import RolloutStats, rollout_stats
 from alp_agents.importing import import_module, import_target
 from alp_agents.rollout import EpisodeEnv, RolloutLimits, collect
@@ -71,32 +70,19 @@ def env_factory(section: EnvSection) -> Callable[[], EpisodeEnv]:
     if env_id not in gymnasium.registry:
         known = sorted(i for i in gymnasium.registry if i.startswith("alp_agents/"))
         close = difflib.get_close_matches(env_id, list(gymnasium.registry), n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
+        own = module and close and not close[0].startswith("alp_agents/")  # the id with the module that registers it
+        hint = f"did you mean {(f'{module}:' if own else '') + close[0]!r}? " if close else ""
         raise ConfigError(f"env.id {section.id!r} is not registered; {hint}built-in ids: {', '.join(known)}")
     return built_once(lambda: episode_env(gymnasium.make(env_id, **section.kwargs), section.id), section)
 
 
-HARMLESS_WRAPPERS = (OrderEnforcing, PassiveEnvChecker)
-"""What `gymnasium.register` wraps every env in by default: checks of reset/step order and of the spaces, which the
-agent loop keeps by construction. They have no areset/astep, so the loop plays the env inside them."""
-
-
 def episode_env(env: gymnasium.Env, env_id: str) -> EpisodeEnv:
-    """The env the agent loop plays: `env`, or the TextEnv inside gymnasium's default wrappers; ConfigError for any other
-    wrapper, which the loop would otherwise bypass without a word."""
-    inner: Any = env
-    while not hasattr(inner, "areset") and isinstance(inner, HARMLESS_WRAPPERS):
-        inner = inner.env
-    if hasattr(inner, "areset") and hasattr(inner, "astep"):
-        return cast(EpisodeEnv, inner)
-    env.close()
-    if isinstance(inner, gymnasium.Wrapper):
-        hint = ("use the env's own max_turns instead of max_episode_steps" if isinstance(inner, TimeLimit)
-                else "apply its logic inside the environment (or give the wrapper async areset/astep)")
-        raise ConfigError(f"environment {env_id!r} is wrapped in {type(inner).__name__}, which has no areset/astep, so the agent "
-                          f"loop cannot play through it: {hint}")
-    raise ConfigError(f"environment {env_id!r} ({type(inner).__name__}) has no areset/astep: derive it from "
-                      "alp_agents.envs.TextEnv (or ToolEnv / MathEnv), whose async twins the agent loop calls")
+    """The env the agent loop plays (`env_the_loop_plays`); ConfigError, the env closed, when there is none."""
+    try:
+        return cast(EpisodeEnv, env_the_loop_plays(env, f"environment {env_id!r}"))
+    except EnvError as error:
+        env.close()
+        raise ConfigError(str(error)) from error
 
 
 def built_once(make: Callable[[], E], section: EnvSection) -> Callable[[], E]:
@@ -292,15 +278,23 @@ def train_on_ranks(cfg: TrainConfig, run_dir: Path, *, resume: bool) -> list[dic
 # -- alp make-demos / alp sft -----------------------------------------------------------------------
 
 
-def make_demos(out: Path, env: EnvSection, data: str | None = None, *, n: int = 500, difficulty: int = 2, seed: int = 0) -> tuple[Path, int]:
+def make_demos(out: Path, env: EnvSection, data: str | None = None, *, n: int = 500, difficulty: int = 2,
+               seed: int = 0) -> tuple[Path, int, int]:
     """`alp make-demos`: one demonstration per task by the environment's scripted expert (TextEnv.expert_action).
 
-    The tasks: `data` (as `--data`), else the environment's own, else `n` synthetic arithmetic problems. Returns the
-    file and the number of demonstrations.
+    The tasks: `data` (as `--data`), else the environment's own less those `alp train` holds out from them by default
+    (a demonstration of a held-out task would inflate its evaluation), else `n` synthetic arithmetic problems. Returns
+    the file, the number of demonstrations and the number of the env's tasks left out.
     """
     make_env = cast(Callable[[], TextEnv], env_factory(env))
-    tasks = tasks_from_argument(data) if data else environment_tasks(make_env) or arithmetic_tasks(n, seed=seed, difficulty=difficulty)
-    return write_demonstrations(out, make_demonstrations(make_env, tasks)), len(tasks)
+    held_out: list[Task] = []
+    if data:
+        tasks = tasks_from_argument(data)
+    elif environment_tasks(make_env):
+        tasks, held_out = run_tasks(TrainConfig(env=env), make_env, env.id)
+    else:
+        tasks = arithmetic_tasks(n, seed=seed, difficulty=difficulty)
+    return write_demonstrations(out, make_demonstrations(make_env, tasks)), len(tasks), len(held_out)
 
 
 def sft(model_dir: Path, demos: Path, out: Path, cfg: SFTConfig) -> list[dict[str, float]]:

@@ -12,7 +12,7 @@ forward them). TextEnv enforces reset-before-step itself, and `check_env` does t
 
 import gymnasium
 
-from alp_agents.envs.base import AssistantText, MessageList, ResetInfo, TextEnv, ToolCallStyle, TurnResult
+from alp_agents.envs.base import AssistantText, MessageList, ResetInfo, TextEnv, ToolCallStyle, TurnResult, env_the_loop_plays
 from alp_agents.trajectory import StepInfo
 from alp_agents.envs.checker import check_env
 from alp_agents.envs.grading import extract_answer, grade, is_equivalent
@@ -61,6 +61,7 @@ __all__ = [
     "answer_matcher",
     "arithmetic_tasks",
     "check_env",
+    "env_the_loop_plays",
     "extract_answer",
     "grade",
     "is_equivalent",

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import gymnasium
 from gymnasium import spaces
+from gymnasium.wrappers import OrderEnforcing, PassiveEnvChecker, TimeLimit
 from pydantic import ConfigDict, Field, ValidationError, model_validator
 from typing_extensions import TypedDict  # pydantic can validate typing.TypedDict only from Python 3.12
 
@@ -271,6 +272,28 @@ class TextEnv(gymnasium.Env[list[Message], str]):
         if not self.tasks:
             raise EnvError(f"{type(self).__name__} has no task to play: pass tasks=[...] to the constructor or reset(options={{'task': Task(...)}})")
         return self.tasks[int(self.np_random.integers(len(self.tasks)))]
+
+
+GYMNASIUM_DEFAULT_WRAPPERS = (OrderEnforcing, PassiveEnvChecker)
+"""What `gymnasium.register` wraps every env in by default: checks of reset/step order and of the spaces, which the
+agent loop keeps by construction. They have no areset/astep, so the loop plays the env inside them."""
+
+
+def env_the_loop_plays(env: gymnasium.Env[Any, Any], name: str) -> gymnasium.Env[Any, Any]:
+    """`env`, or the env inside gymnasium's default wrappers: what the agent loop (and `check_env`) plays. EnvError, naming
+    `name`, for any other wrapper, which the loop would bypass without a word, and for an env with no areset/astep."""
+    inner: Any = env
+    while not hasattr(inner, "areset") and isinstance(inner, GYMNASIUM_DEFAULT_WRAPPERS):
+        inner = inner.env
+    if hasattr(inner, "areset") and hasattr(inner, "astep"):
+        return inner
+    if isinstance(inner, gymnasium.Wrapper):
+        hint = ("use the env's own max_turns instead of max_episode_steps" if isinstance(inner, TimeLimit)
+                else "apply its logic inside the environment (or give the wrapper async areset/astep)")
+        raise EnvError(f"{name} is wrapped in {type(inner).__name__}, which has no areset/astep, so the agent loop cannot play "
+                       f"through it: {hint}")
+    raise EnvError(f"{name} ({type(inner).__name__}) has no areset/astep: derive it from alp_agents.envs.TextEnv (or ToolEnv / "
+                   "MathEnv), whose async twins the agent loop calls")
 
 
 def _as_task(task: Any, where: str) -> Task:

@@ -4,7 +4,9 @@ Modelled on gymnasium's `utils/env_checker.py`: it plays a few short episodes wi
 deliberately bad actions, and raises EnvError at the first broken rule, with the likely cause and
 the fix. In order, it checks that:
 
-1. the env is a gymnasium.Env with the async twins `areset`/`astep` and gymnasium spaces;
+1. the env is a gymnasium.Env with the async twins `areset`/`astep` and gymnasium spaces (an env that
+   `gymnasium.make` returned inside its default OrderEnforcing/PassiveEnvChecker is checked inside them,
+   as the agent loop plays it; any other wrapper is refused, as training refuses it);
 2. `reset` returns (list of Message, ResetInfo): system message first if any, a user message last,
    a `tool_call_style` whenever there are `tools`, and `tools` for the Hermes style; `reset(seed=s)` twice gives equal results and
    seeds `self.np_random`; `reset(options={"task": task})` plays that task;
@@ -30,7 +32,7 @@ import gymnasium
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from typing_extensions import TypedDict  # pydantic can validate typing.TypedDict only from Python 3.12
 
-from alp_agents.envs.base import ResetInfo, TextEnv
+from alp_agents.envs.base import ResetInfo, TextEnv, env_the_loop_plays
 from alp_agents.errors import EnvError
 from alp_agents.trajectory import Message, StepInfo
 
@@ -69,6 +71,7 @@ def check_env(env: gymnasium.Env[Any, Any], *, max_turns: int = 64, seed: int = 
         pass
     else:
         raise EnvError("check_env runs the env's sync API, which cannot run inside an event loop: call it from sync code (or `await asyncio.to_thread(check_env, env)`)")
+    env = env_the_loop_plays(env, "check_env's env")  # exactly what training plays: gymnasium's default wrappers are left out
     _check_interface(env)
     reset_info = _check_reset(env, seed)
     probes = _probes(reset_info)
@@ -89,8 +92,6 @@ def check_env(env: gymnasium.Env[Any, Any], *, max_turns: int = 64, seed: int = 
 
 
 def _check_interface(env: gymnasium.Env[Any, Any]) -> None:
-    if isinstance(env, gymnasium.Wrapper):
-        raise EnvError(f"check_env got a wrapped env ({env}); gymnasium wrappers hide areset/astep: check env.unwrapped instead")
     if not isinstance(env, gymnasium.Env):
         raise EnvError(f"expected a gymnasium.Env, got {type(env).__name__}: subclass alp_agents.envs.TextEnv")
     for name in ("areset", "astep"):

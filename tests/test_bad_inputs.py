@@ -52,6 +52,8 @@ def files(tmp_path: Path) -> Path:
     (tmp_path / "run.toml").write_text("[schedule]\niterations = 2\n", encoding="utf-8")
     (tmp_path / "a-file").write_text("", encoding="utf-8")
     (tmp_path / "needs_dependency.py").write_text("import not_installed_anywhere\n", encoding="utf-8")
+    (tmp_path / "my_envs.py").write_text('import gymnasium\ngymnasium.register("Mine-v0", entry_point="alp_agents.envs:MathEnv")\n',
+                                         encoding="utf-8")
     (tmp_path / "used-run").mkdir()
     (tmp_path / "used-run" / "metrics.jsonl").write_text('{"iteration": 0}\n', encoding="utf-8")
     return tmp_path
@@ -97,6 +99,8 @@ TRAIN_CASES = {
     "env module not importable": (["--set", "env.id=my_missing_envs:Mine-v0"],
                                   ["env.id 'my_missing_envs:Mine-v0': no module named 'my_missing_envs' on the import path",
                                    "run from the directory that holds my_missing_envs.py", "add that directory to PYTHONPATH"]),
+    "env id typo in your module": (["--set", "env.id=my_envs:Mien-v0"],
+                                   ["env.id 'my_envs:Mien-v0' is not registered; did you mean 'my_envs:Mine-v0'?"]),
     "env module lacks a dependency": (["--set", "env.id=needs_dependency:Mine-v0"],
                                       ["importing 'needs_dependency' failed: it imports 'not_installed_anywhere', which is not installed"]),
     "run dir not writable": (["--run-dir", "a-file/run"], ["run directory a-file/run cannot be written"]),

@@ -184,7 +184,7 @@ class NotAGymEnv:
         (IgnoresTaskOption, r"reset\(options=\{'task': task\}\) did not play task 't\d'"),
         (MathEnv, r"MathEnv has no task to play: pass tasks=\[\.\.\.\]"),
         (NotAGymEnv, r"expected a gymnasium.Env, got NotAGymEnv: subclass alp_agents.envs.TextEnv"),
-        (wrapped_in_a_time_limit, r"check_env got a wrapped env .* check env.unwrapped instead"),
+        (wrapped_in_a_time_limit, r"check_env's env is wrapped in TimeLimit, .* use the env's own max_turns instead of max_episode_steps"),
     ],
     ids=lambda value: value.__name__ if callable(value) else "",
 )
@@ -205,3 +205,12 @@ def test_check_env_refuses_to_run_inside_an_event_loop():
             check_env(env)
 
     asyncio.run(main())
+
+
+def test_an_env_made_by_gymnasium_with_its_default_wrappers_is_checked_as_training_plays_it():
+    # gymnasium.register's defaults wrap a user's env in OrderEnforcing and PassiveEnvChecker; the loop plays the env inside.
+    if "CheckedEcho-v0" not in gymnasium.registry:
+        gymnasium.register("CheckedEcho-v0", entry_point=Echo)
+    with gymnasium.make("CheckedEcho-v0") as env:
+        assert type(env).__name__ == "OrderEnforcing"
+        check_env(env)

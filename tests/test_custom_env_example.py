@@ -58,8 +58,28 @@ class ReverseEnv(TextEnv):
 check_env(ReverseEnv(["gradient", "policy", "token"]))
 # --- end of README ----------------------------------------------------------------------------
 
-import inspect
+# --- README: an expert for a ToolEnv ---------------------------------------------------------
 import json
+
+from alp_agents.trajectory import Message
+
+
+class ConvertEnv(ToolEnv):
+    """The first example's env with a scripted expert: each task holds the tool's arguments in its metadata."""
+
+    def expert_action(self, conversation: list[Message]) -> str | None:
+        if conversation[-1].role != "tool":  # first turn: call the tool
+            call = {"name": "convert", "arguments": self.task.metadata}
+            return f"<tool_call>\n{json.dumps(call)}\n</tool_call>"
+        return f"\\boxed{{{round(float(conversation[-1].content), 2)}}}"  # then answer from what it returned
+
+
+expert_tasks = [Task(id="marathon", prompt=tasks[0].prompt, answer="26.22",
+                     metadata={"value": 42.195, "from_unit": "km", "to_unit": "mile"})]
+check_env(ConvertEnv(tasks=expert_tasks, tools=ToolRegistry([convert]), max_turns=3))
+# --- end of README ----------------------------------------------------------------------------
+
+import inspect
 from pathlib import Path
 
 
@@ -67,7 +87,7 @@ def test_each_example_is_at_most_30_lines():
     source = Path(__file__).read_text(encoding="utf-8").split("\n")
     starts = [i for i, line in enumerate(source) if line.startswith("# --- README:")]
     ends = [i for i, line in enumerate(source) if line.startswith("# --- end of README")]
-    assert len(starts) == len(ends) == 2
+    assert len(starts) == len(ends) == 3
     for start, end in zip(starts, ends):
         code = [line for line in source[start + 1 : end] if line.strip()]
         assert len(code) <= 30, f"README example at line {start + 1} has {len(code)} non-blank lines"
@@ -101,3 +121,12 @@ def test_the_from_scratch_example_gives_feedback_until_solved_or_out_of_turns():
 def test_the_from_scratch_example_implements_only_respond_and_an_optional_expert():
     defined = [name for name, _ in inspect.getmembers(ReverseEnv, inspect.isfunction) if name in vars(ReverseEnv)]
     assert defined == ["__init__", "expert_action", "respond"]
+
+
+def test_the_tool_env_experts_demonstration_calls_the_tool_then_answers_correctly():
+    from alp_agents.envs.demos import demonstrate
+
+    with ConvertEnv(tasks=expert_tasks, tools=ToolRegistry([convert]), max_turns=3) as convert_env:
+        demo = demonstrate(convert_env, expert_tasks[0])  # EnvError unless graded correct
+    assert [m.role for m in demo.messages] == ["system", "user", "assistant", "tool", "assistant"]
+    assert (demo.messages[3].content, demo.messages[4].content) == ("26.2188", "\\boxed{26.22}")

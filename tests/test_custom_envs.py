@@ -174,12 +174,30 @@ def test_make_demos_for_the_calculator_env_and_an_env_without_expert(tmp_path):
     from alp_agents import jobs
     from alp_agents.demonstrations import read_demonstrations
 
-    path, count = jobs.make_demos(tmp_path / "calc.jsonl", EnvSection(), "arithmetic:3:1:5")
+    path, count, left_out = jobs.make_demos(tmp_path / "calc.jsonl", EnvSection(), "arithmetic:3:1:5")
     demos = read_demonstrations(path)
-    assert count == 3 and [m.role for m in demos[0].messages] == ["system", "user", "assistant", "tool", "assistant"]
+    assert (count, left_out) == (3, 0) and [m.role for m in demos[0].messages] == ["system", "user", "assistant", "tool", "assistant"]
     assert "<tool_call>" in demos[0].messages[2].content and "\\boxed{" in demos[0].messages[4].content
-    with pytest.raises(Exception, match="ParityEnv has no scripted expert for task 'say-0': define expert_action"):
+    with pytest.raises(Exception, match=r"ParityEnv has no scripted expert for task 'say-\d+': define expert_action"):
         jobs.make_demos(tmp_path / "none.jsonl", EnvSection(id="parity_envs:TaskedParity-v0"))
+
+
+def test_make_demos_on_an_envs_own_tasks_leaves_out_what_train_holds_out(tmp_path):
+    import gymnasium
+    from test_custom_env_example import ReverseEnv
+
+    from alp_agents import jobs
+    from alp_agents.demonstrations import read_demonstrations
+
+    words = ["gradient", "policy", "token", "engine", "reward", "sample", "update", "layer", "noise", "ratio"]
+    if "TestReverseTen-v0" not in gymnasium.registry:
+        gymnasium.register("TestReverseTen-v0", entry_point=ReverseEnv, kwargs={"words": words})
+    section = EnvSection(id="TestReverseTen-v0")
+    path, count, left_out = jobs.make_demos(tmp_path / "demos.jsonl", section)
+    _, held_out = jobs.run_tasks(TrainConfig(env=section), jobs.env_factory(section), section.id)  # what `alp train` evaluates on
+    demonstrated = {d.messages[-1].content[::-1] for d in read_demonstrations(path)}
+    assert (count, left_out, len(held_out)) == (8, 2, 2)
+    assert demonstrated == set(words) - {task.id for task in held_out}
 
 
 # --- A finished run goes on with --resume and more iterations.
@@ -210,7 +228,7 @@ def test_the_readmes_custom_env_trains_end_to_end(tmp_path, tiny_model_dir, vllm
     """The README's recipe: the env in a user's module, registered the usual way, its own tasks (no [data]), two iterations."""
     from pathlib import Path
 
-    from alp_agents.trainers.loop import train
+    from alp_agents.trainers.loop import held_out_summary, train
 
     example = (Path(__file__).parent / "test_custom_env_example.py").read_text()
     code = example[example.index("# --- README: an environment from scratch"):example.index("check_env(ReverseEnv")]
@@ -242,3 +260,8 @@ checkpoint_every = 0
     assert [row["iteration"] for row in rows] == [0, 1, 2]
     assert all(row["rollout/failure_rate"] == 0.0 for row in rows[1:]) and rows[-1]["eval/episodes"] == 2 * cfg.schedule.eval_k
     assert (tmp_path / "run" / "checkpoint" / "model" / "config.json").is_file()  # where the README says the model lands
+    before, after = rows[0], rows[-1]  # what `alp train` prints at its end
+    assert held_out_summary(rows) == (f"held-out avg@k {before['eval/avg_at_k']:.3f} at iteration 0 -> {after['eval/avg_at_k']:.3f} at "
+                                      f"iteration 2 (pass@k {before['eval/pass_at_k']:.3f} -> {after['eval/pass_at_k']:.3f}; every "
+                                      "evaluation is in metrics.jsonl, eval/*)")
+    assert held_out_summary(rows[1:2]) is None  # no evaluation among these rows

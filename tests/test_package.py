@@ -54,7 +54,7 @@ def test_readme_shows_the_tested_environment_examples():
     tests = Path(__file__).parent
     readme = (tests.parent / "README.md").read_text(encoding="utf-8")
     examples = re.findall(r"# --- README: [^\n]*\n(.*?)# --- end of README", (tests / "test_custom_env_example.py").read_text(), re.S)
-    assert len(examples) == 2
+    assert len(examples) == 3
     for example in examples:
         assert example.rstrip() in readme
 

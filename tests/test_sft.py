@@ -40,7 +40,7 @@ def test_sft_lowers_the_loss_on_its_demonstrations(tiny_model_dir):
 
 
 def test_schema_free_epochs_train_first_on_prompts_without_the_tool_schema(tiny_model_dir, tmp_path, monkeypatch):
-    demos, _ = jobs.make_demos(tmp_path / "demos.jsonl", EnvSection(), n=8, difficulty=1, seed=0)
+    demos, _, _ = jobs.make_demos(tmp_path / "demos.jsonl", EnvSection(), n=8, difficulty=1, seed=0)
     stages: list[list[TokenizedExample]] = []
 
     def recording_run_sft(model, examples, cfg, **kwargs):

@@ -285,6 +285,17 @@ def check_failures(episodes: Sequence[Trajectory], what: str, *, warn_above: flo
                        len(failed), len(episodes), what, warn_above, first)
 
 
+def held_out_summary(rows: Sequence[dict[str, Any]]) -> str | None:
+    """The held-out accuracy at the first and the last evaluation among `rows`, in one line; None if none evaluated."""
+    evaluated = [row for row in rows if "eval/avg_at_k" in row]
+    if not evaluated:
+        return None
+    first, last = evaluated[0], evaluated[-1]
+    return (f"held-out avg@k {first['eval/avg_at_k']:.3f} at iteration {first['iteration']} -> {last['eval/avg_at_k']:.3f} at iteration "
+            f"{last['iteration']} (pass@k {first['eval/pass_at_k']:.3f} -> {last['eval/pass_at_k']:.3f}; every evaluation is in "
+            "metrics.jsonl, eval/*)")
+
+
 def why_never_updated(rows: Sequence[dict[str, Any]]) -> str | None:
     """Why a run's iterations never updated the policy (every batch skipped), or None if one did (or none ran)."""
     iterations = [row for row in rows if row["iteration"] > 0]

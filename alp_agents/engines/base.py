@@ -62,11 +62,13 @@ class SamplingConfig(Config):
     seed: int | None = None
     """Seed of this request's own sampling noise: the same seed and prompt give the same tokens.
 
-    None (the default) draws from the engine's generator, seeded once at engine start, so every
-    request gets fresh noise. Two traps to know before setting it: one seed shared by every sample
-    of a group makes the samples identical (give sample i the seed `base + i`), and vLLM's CPU
-    build crashes on per-request seeds when a prompt is prefilled in chunks, so our engines turn
-    chunked prefill off on CPU (see `vllm_setup.engine_arguments`).
+    None (the default for one request) draws from the engine's generator, seeded once at engine
+    start, so every request gets fresh noise. In a rollout (`rollout.sampling.seed`, 0 in a training
+    run) it is the base from which the agent loop derives each episode's and turn's own seed, so a
+    rollout replays exactly (resume relies on it). Two traps to know before setting it on single
+    requests: one seed shared by every sample of a group makes the samples identical (give sample i
+    the seed `base + i`), and vLLM's CPU build crashes on per-request seeds when a prompt is
+    prefilled in chunks, so our engines turn chunked prefill off on CPU (see `vllm_setup.engine_arguments`).
     """
 
     @model_validator(mode="before")
