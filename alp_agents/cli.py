@@ -22,12 +22,15 @@ stderr = Console(stderr=True, soft_wrap=True, emoji=False)  # one line however n
 NEVER_UPDATED_EXIT_CODE = 3
 
 if TYPE_CHECKING:
+    from alp_agents.envs.tasks import FieldMap
     from alp_agents.evaluation import RolloutStats
     from alp_agents.generate import GenerationReport
 
 Model = Annotated[Path, typer.Option(help="Model directory (any Hugging Face causal LM).")]
 EnvId = Annotated[str, typer.Option("--env", help="gymnasium id of the environment.")]
 EnvArgs = Annotated[str, typer.Option(help='Environment arguments as JSON, e.g. \'{"max_turns": 3}\'.')]
+Fields = Annotated[str, typer.Option(help='Columns of a task file or Hub dataset as JSON (data.fields of a run config), e.g. '
+                                            '\'{"prompt": "question", "answer": "final", "id": "uid"}\'.')]
 MaxTurns = Annotated[Optional[int], typer.Option(help="The environment's turn budget (its max_turns argument); default: the environment's own.",
                                                  min=1)]
 Servers = Annotated[Optional[list[str]], typer.Option("--server", help="vLLM server base URL (repeat for several); default: vLLM in-process.")]
@@ -76,13 +79,14 @@ def make_demos(
     n: Annotated[int, typer.Option(help="Number of synthetic arithmetic tasks when --data is not given.")] = 500,
     difficulty: Annotated[int, typer.Option(help="Difficulty of the synthetic arithmetic tasks (1-3).")] = 2,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic arithmetic tasks.")] = 0,
+    fields: Fields = "{}",
 ) -> None:
     """Write demonstrations by the environment's scripted expert (expert_action), one per task, for `alp sft`."""
     from alp_agents import jobs
     from alp_agents.trainers.run_config import EnvSection
 
     path, count, held_out = jobs.make_demos(out, EnvSection(id=env, kwargs=parse_env_args(env_args)), data, n=n, difficulty=difficulty,
-                                            seed=seed)
+                                            seed=seed, fields=parse_fields(fields))
     left_out = f" ({held_out} of the env's tasks left out: those `alp train` holds out to evaluate on by default)" if held_out else ""
     console.print(f"wrote {count} demonstrations to {path}{left_out}")
 
@@ -115,18 +119,20 @@ def train_command(
     """The RL loop: rollouts, ALP update, weight sync, evaluation, checkpoints."""
     from alp_agents import jobs
 
+    from alp_agents.plots import read_metrics
     from alp_agents.trainers.loop import held_out_summary, why_never_updated
 
     extra = ([f"trainer.algo={algo}"] if algo else []) + ([f"engine.servers={json.dumps(servers)}"] if servers else [])
     rows = jobs.train_from_config(config, (overrides or []) + extra, run_dir, resume=resume)
     if not rows:
         return
+    history = read_metrics(run_dir / "metrics.jsonl")  # the whole run: a resumed one's rows are only its last part
     model = run_dir / "checkpoint" / "model"
     console.print(f"done: iteration {rows[-1]['iteration']}; metrics, checkpoint and plots in {run_dir}; the trained model is {model} "
                   f"(alp eval --model {model} ...; more iterations: alp train --run-dir {run_dir} --resume --set schedule.iterations=N)")
-    if summary := held_out_summary(rows):
+    if summary := held_out_summary(history):
         console.print(summary)
-    if problem := why_never_updated(rows):
+    if problem := why_never_updated(history):
         stderr.print("[bold red]warning:[/]", escape(problem))
         raise SystemExit(NEVER_UPDATED_EXIT_CODE)
 
@@ -170,6 +176,7 @@ def eval_command(
     temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
     max_turns: MaxTurns = None,
     max_tokens: Annotated[int, typer.Option(help="Most tokens per turn.")] = 256,
+    fields: Fields = "{}",
     servers: Servers = None,
     weights_transport: Transport = "file",
     chat_template: ChatTemplate = "",
@@ -183,7 +190,7 @@ def eval_command(
     report = jobs.evaluate(model, EnvSection(id=env, kwargs=parse_env_args(env_args, max_turns)), data, limit=limit, k=k, out=out,
                            sampling=SamplingConfig(temperature=temperature),
                            limits=RolloutLimits(max_tokens_per_turn=max_tokens), servers=servers or [],
-                           weights_transport=weights_transport, chat_template=chat_template)
+                           weights_transport=weights_transport, chat_template=chat_template, fields=parse_fields(fields))
     print_stats(report.stats, title=f"{model} on {data} ({report.seconds:.0f} s)")
     print(report.model_dump_json())
 
@@ -199,6 +206,7 @@ def rollout(
     k: Annotated[int, typer.Option(help="Episodes per task.")] = 1,
     temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
     max_turns: MaxTurns = None,
+    fields: Fields = "{}",
     servers: Servers = None,
     weights_transport: Transport = "file",
     chat_template: ChatTemplate = "",
@@ -211,7 +219,7 @@ def rollout(
     from alp_agents.trajectory import write_trajectories
 
     trajectories = jobs.rollout_tasks(model, EnvSection(id=env, kwargs=parse_env_args(env_args, max_turns)),
-                                      jobs.tasks_from_argument(data, limit=limit), k=k,
+                                      jobs.tasks_from_argument(data, limit=limit, fields=parse_fields(fields)), k=k,
                                       sampling=SamplingConfig(temperature=temperature), limits=RolloutLimits(),
                                       servers=servers or [], weights_transport=weights_transport, chat_template=chat_template)
     console.print(f"wrote {len(trajectories)} trajectories to {write_trajectories(out, trajectories)}")
@@ -309,6 +317,23 @@ def lab_report(lab_dir: Annotated[Path, typer.Argument(help="A lab directory wri
     from alp_agents.lab_report import write_report
 
     console.print(str(write_report(lab_dir)))
+
+
+def parse_fields(fields: str) -> FieldMap:
+    """The `--fields` JSON object as a FieldMap; ConfigError naming the option and the key if it is not one."""
+    from pydantic import ValidationError
+
+    from alp_agents.envs.tasks import FieldMap
+    from alp_agents.errors import ConfigError
+
+    try:
+        return FieldMap.model_validate(json.loads(fields))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--fields is not valid JSON ({e.msg} at column {e.colno}): pass an object, e.g. "
+                          '\'{"prompt": "question", "answer": "final"}\'') from e
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'the value'}: {err['msg']}" for err in e.errors())
+        raise ConfigError(f"--fields {fields}: {problems} (keys: {', '.join(FieldMap.model_fields)})") from e
 
 
 def parse_env_args(env_args: str, max_turns: int | None = None) -> dict[str, Any]:

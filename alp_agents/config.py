@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from alp_agents.errors import ConfigError
 
@@ -21,9 +21,28 @@ C = TypeVar("C", bound="Config")
 
 
 class Config(BaseModel):
-    """Base of every config section: unknown keys are errors, assignments are validated."""
+    """Base of every config section: unknown keys are errors, assignments are validated, and a section given in part
+    keeps the values its default sets (see `_sections_keep_their_defaults`)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sections_keep_their_defaults(cls, data: Any) -> Any:
+        """`[trainer] algo = "bypass"` keeps the run's trainer.lr (its default section sets it), not TrainerConfig's own.
+
+        A field whose default is a section built with some values (`TrainerConfig(lr=1e-5)`) would otherwise lose them
+        as soon as any key of that section is given: the keys given are applied on top of the values the default set.
+        """
+        if not isinstance(data, dict):
+            return data
+        merged = dict(data)
+        for name, field in cls.model_fields.items():
+            if isinstance(data.get(name), dict) and field.default_factory is not None:
+                default = field.get_default(call_default_factory=True)
+                if isinstance(default, BaseModel) and default.model_fields_set:
+                    merged[name] = {**default.model_dump(include=default.model_fields_set), **data[name]}
+        return merged
 
 
 def parse_override(override: str) -> tuple[list[str], Any]:

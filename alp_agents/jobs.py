@@ -229,6 +229,10 @@ def train_from_config(config: Path | None, overrides: list[str], run_dir: Path, 
         if config is not None:
             raise ConfigError("--resume continues a run with its saved config; drop --config")
         cfg = resumed_config(run_dir, overrides)
+        done = RunDir(run_dir).checkpoint_state().iteration
+        if done >= cfg.schedule.iterations:  # before an engine starts only to find nothing to do
+            raise ConfigError(f"{run_dir} has finished its {cfg.schedule.iterations} iterations: to go on, resume with "
+                              f"--set schedule.iterations=N (N > {done})")
     else:
         cfg = load_config(TrainConfig, config, overrides)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -279,7 +283,7 @@ def train_on_ranks(cfg: TrainConfig, run_dir: Path, *, resume: bool) -> list[dic
 
 
 def make_demos(out: Path, env: EnvSection, data: str | None = None, *, n: int = 500, difficulty: int = 2,
-               seed: int = 0) -> tuple[Path, int, int]:
+               seed: int = 0, fields: FieldMap | None = None) -> tuple[Path, int, int]:
     """`alp make-demos`: one demonstration per task by the environment's scripted expert (TextEnv.expert_action).
 
     The tasks: `data` (as `--data`), else the environment's own less those `alp train` holds out from them by default
@@ -289,7 +293,7 @@ def make_demos(out: Path, env: EnvSection, data: str | None = None, *, n: int = 
     make_env = cast(Callable[[], TextEnv], env_factory(env))
     held_out: list[Task] = []
     if data:
-        tasks = tasks_from_argument(data)
+        tasks = tasks_from_argument(data, fields=fields)
     elif environment_tasks(make_env):
         tasks, held_out = run_tasks(TrainConfig(env=env), make_env, env.id)
     else:
@@ -373,9 +377,9 @@ def rollout_tasks(model_dir: Path, env: EnvSection, tasks: list[Task], *, k: int
 
 def evaluate(model_dir: Path, env: EnvSection, data: str, *, limit: int = 0, k: int, out: Path | None, sampling: SamplingConfig,
              limits: RolloutLimits, servers: list[str], weights_transport: WeightsTransport = "file",
-             chat_template: str = "") -> EvalReport:
+             chat_template: str = "", fields: FieldMap | None = None) -> EvalReport:
     """`alp eval`: multi-turn rollouts on the first `limit` tasks (0: all) of `--data`, summarised (avg@k, pass@k, tool use, ...)."""
-    tasks = tasks_from_argument(data, limit=limit)
+    tasks = tasks_from_argument(data, limit=limit, fields=fields)
     start = time.perf_counter()
     trajectories = rollout_tasks(model_dir, env, tasks, k=k, sampling=sampling, limits=limits, servers=servers,
                                  weights_transport=weights_transport, chat_template=chat_template)
@@ -384,10 +388,11 @@ def evaluate(model_dir: Path, env: EnvSection, data: str, *, limit: int = 0, k: 
     return EvalReport(model=str(model_dir), env=env.id, data=data, stats=rollout_stats(trajectories), seconds=time.perf_counter() - start)
 
 
-def tasks_from_argument(data: str, *, limit: int = 0) -> list[Task]:
+def tasks_from_argument(data: str, *, limit: int = 0, fields: FieldMap | None = None) -> list[Task]:
     """Tasks from `--data`, the first `limit` of them (0: all): a built-in eval set by name (gsm8k, math500, aime24, aime25,
-    minerva, olympiadbench), a task file (.jsonl, .json, .csv, .parquet with the default columns), `hf:REPO[:SUBSET][@SPLIT]`
-    for a Hugging Face Hub dataset, or `arithmetic:N[:difficulty[:seed]]` for synthetic problems."""
+    minerva, olympiadbench), a task file (.jsonl, .json, .csv, .parquet; `fields` maps its columns, `--fields`),
+    `hf:REPO[:SUBSET][@SPLIT]` for a Hugging Face Hub dataset, or `arithmetic:N[:difficulty[:seed]]` for synthetic problems."""
+    fields = fields or FieldMap()
     if limit < 0:
         raise ConfigError(f"--limit must be at least 1 (or 0 for all tasks), got {limit}")
     if data.startswith("arithmetic:"):
@@ -406,7 +411,7 @@ def tasks_from_argument(data: str, *, limit: int = 0) -> list[Task]:
         hub = HUB_DATA.fullmatch(data)
         if hub is None:
             raise ConfigError(f"--data {data!r} is not hf:REPO[:SUBSET][@SPLIT], e.g. hf:openai/gsm8k:main@test")
-        return load_hub_tasks(hub["repo"], subset=hub["subset"], split=hub["split"] or "train", limit=limit or None)
+        return load_hub_tasks(hub["repo"], subset=hub["subset"], split=hub["split"] or "train", fields=fields, limit=limit or None)
     path = Path(data)
     if not path.is_file():
         close = difflib.get_close_matches(data, list(BUILTIN_DATASETS), n=1)
@@ -414,4 +419,4 @@ def tasks_from_argument(data: str, *, limit: int = 0) -> list[Task]:
         raise ConfigError(f"--data {data!r} not found: {path.resolve()} is not a file; {hint}pass a task file (.jsonl, .json, .csv, "
                           f".parquet), a built-in set ({', '.join(BUILTIN_DATASETS)}), hf:REPO[:SUBSET][@SPLIT] for a Hugging Face "
                           "Hub dataset, or arithmetic:N[:difficulty[:seed]]")
-    return load_task_file(path, limit=limit or None)
+    return load_task_file(path, fields=fields, limit=limit or None)

@@ -306,7 +306,7 @@ def _task_from_row(record: Mapping[str, Any], fields: FieldMap, where: str, *, d
     prompt_column = fields.prompt or next((column for column in PROMPT_COLUMNS if column in record), None)
     if prompt_column is None:
         raise TaskError(f"{where}: no prompt column: none of {', '.join(PROMPT_COLUMNS)} (columns: {_columns(record)}); "
-                        'name it in data.fields, e.g. fields = {prompt = "<column>"}')
+                        'name it in data.fields, e.g. fields = {prompt = "<column>"} (--fields \'{"prompt": "<column>"}\' for alp eval)')
     id_column = fields.id or ("id" if "id" in record else None)
     system_column = fields.system or ("system" if "system" in record else None)
     tools_column = fields.tools or ("tools" if "tools" in record else None)
@@ -332,7 +332,8 @@ def _columns(record: Mapping[str, Any]) -> str:
 def _value(record: Mapping[str, Any], column: str, role: str, where: str) -> Any:
     if column not in record:
         raise TaskError(f"{where}: no column {column!r} for the {role} (columns: {_columns(record)}); "
-                        f'map the {role} to its column with data.fields, e.g. fields = {{{role} = "<column>"}}')
+                        f'map the {role} to its column with data.fields, e.g. fields = {{{role} = "<column>"}} '
+                        f'(--fields \'{{"{role}": "<column>"}}\' for alp eval)')
     return record[column]
 
 

@@ -116,7 +116,12 @@ class ToolEnv(TextEnv):
         return super().opening(task)
 
     def expert_action(self, conversation: list[Message]) -> str | None:
-        """The calculator expert (calculator_expert) on synthetic arithmetic tasks; None on others."""
+        """The calculator expert (calculator_expert) on tasks whose metadata holds their `expression` (synthetic arithmetic
+        tasks, or a task file with an `expression` column); EnvError saying so on others."""
+        if not self.task.metadata.get("expression"):
+            raise EnvError(f"ToolEnv's built-in expert computes a task's metadata['expression'] with the calculator, and task "
+                           f"{self.task.id!r} has none (a task file gives it with an `expression` column); for other tasks, "
+                           "subclass ToolEnv and define expert_action (README: 'A ToolEnv gets an expert')")
         return calculator_expert(self.task, conversation, self.tool_call_style)
 
     def tool_schemas(self) -> list[dict[str, Any]]:

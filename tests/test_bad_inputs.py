@@ -52,6 +52,7 @@ def files(tmp_path: Path) -> Path:
     (tmp_path / "run.toml").write_text("[schedule]\niterations = 2\n", encoding="utf-8")
     (tmp_path / "a-file").write_text("", encoding="utf-8")
     (tmp_path / "needs_dependency.py").write_text("import not_installed_anywhere\n", encoding="utf-8")
+    (tmp_path / "mine.jsonl").write_text(json.dumps({"uid": "q1", "question": "What is 2 + 3?", "final": "5"}) + "\n", encoding="utf-8")
     (tmp_path / "my_envs.py").write_text('import gymnasium\ngymnasium.register("Mine-v0", entry_point="alp_agents.envs:MathEnv")\n',
                                          encoding="utf-8")
     (tmp_path / "used-run").mkdir()
@@ -69,6 +70,10 @@ EVAL_CASES = {
     "arithmetic bad difficulty": (["--data", "arithmetic:4:9"], ["--data 'arithmetic:4:9': difficulty must be one of [1, 2, 3]"]),
     "env kwargs typo": (["--data", "good.jsonl", "--env-args", '{"max_turn": 3}'],
                         ["'alp_agents/ToolMath-v0'", "env.kwargs {'max_turn': 3}", "unexpected keyword argument 'max_turn'"]),
+    "columns not mapped": (["--data", "mine.jsonl"], ["mine.jsonl:1: no column 'answer' for the answer",
+                                                       """(--fields '{"answer": "<column>"}' for alp eval)"""]),
+    "fields not a FieldMap": (["--data", "mine.jsonl", "--fields", '{"promt": "question"}'],
+                              ['--fields {"promt": "question"}: promt: Extra inputs are not permitted (keys: prompt, answer, id']),
     "unknown tool": (["--data", "good.jsonl", "--env-args", '{"tools": ["pyhton"]}'],
                      ["unknown tool 'pyhton'; did you mean 'python'? built-in tools: calculator, python"]),
 }
@@ -225,3 +230,10 @@ def test_env_factory_builds_one_env_and_closes_it(user_tools):
     assert user_tools.Closing.closed == 1
     with make_env() as env:
         assert isinstance(env.tools.get("closing"), Calculator)
+
+
+def test_fields_map_a_task_files_own_columns(files):
+    from alp_agents.cli import parse_fields
+
+    [task] = jobs.tasks_from_argument(str(files / "mine.jsonl"), fields=parse_fields('{"prompt": "question", "answer": "final", "id": "uid"}'))
+    assert (task.id, task.prompt, task.answer, task.metadata) == ("q1", "What is 2 + 3?", "5", {})

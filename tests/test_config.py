@@ -87,3 +87,25 @@ def test_the_turn_budget_is_the_environments_and_old_configs_move_theirs_there(t
         load_config(TrainConfig, path, ["env.kwargs.max_turns=5"])
     with pytest.raises(ValueError, match=r"rollout\.limits\.max_turns was removed: the environment owns the turn budget; set it in env\.kwargs"):
         RolloutLimits(max_turns=3)
+
+
+def test_a_section_given_in_part_keeps_the_values_its_default_sets(tmp_path):
+    from alp_agents.trainers.run_config import TrainConfig
+
+    default = TrainConfig()
+    assert (default.trainer.lr, default.rollout.sampling.seed) == (1e-5, 0)  # a run's defaults, not the sections' own
+    cfg = load_config(TrainConfig, overrides=["trainer.algo=bypass", "rollout.sampling.temperature=0.7"])
+    assert (cfg.trainer.algo, cfg.trainer.lr) == ("bypass", 1e-5)
+    assert (cfg.rollout.sampling.temperature, cfg.rollout.sampling.seed, cfg.trainer.temperature) == (0.7, 0, 0.7)
+    path = tmp_path / "run.toml"
+    path.write_text("[trainer]\nlr = 3e-4\n[rollout.sampling]\nseed = 5\n")
+    cfg = load_config(TrainConfig, path)
+    assert (cfg.trainer.lr, cfg.rollout.sampling.seed, cfg.rollout.sampling.temperature) == (3e-4, 5, 1.0)
+
+
+def test_a_runs_turn_length_is_set_in_one_place():
+    from alp_agents.trainers.run_config import TrainConfig
+
+    with pytest.raises(ConfigError, match=r"rollout\.sampling\.max_tokens = 64 is not used in a run: .*from rollout\.limits\.max_tokens_per_turn .*; set that instead"):
+        load_config(TrainConfig, overrides=["rollout.sampling.max_tokens=64"])
+    assert load_config(TrainConfig, overrides=["rollout.limits.max_tokens_per_turn=64"]).rollout.limits.max_tokens_per_turn == 64

@@ -10,7 +10,7 @@ import gymnasium
 import pytest
 
 from alp_agents.envs import Task, TextEnv
-from alp_agents.errors import ConfigError, EpisodesFailed
+from alp_agents.errors import ConfigError, EnvError, EpisodesFailed
 from alp_agents.config import load_config, load_config_data
 from alp_agents.jobs import env_factory, run_tasks
 from alp_agents.trainers.loop import check_failures
@@ -178,6 +178,8 @@ def test_make_demos_for_the_calculator_env_and_an_env_without_expert(tmp_path):
     demos = read_demonstrations(path)
     assert (count, left_out) == (3, 0) and [m.role for m in demos[0].messages] == ["system", "user", "assistant", "tool", "assistant"]
     assert "<tool_call>" in demos[0].messages[2].content and "\\boxed{" in demos[0].messages[4].content
+    with pytest.raises(EnvError, match=r"ToolEnv's built-in expert computes a task's metadata\['expression'\] .* task 'gsm8k-test-0' has none"):
+        jobs.make_demos(tmp_path / "gsm8k.jsonl", EnvSection(), "gsm8k")
     with pytest.raises(Exception, match=r"ParityEnv has no scripted expert for task 'say-\d+': define expert_action"):
         jobs.make_demos(tmp_path / "none.jsonl", EnvSection(id="parity_envs:TaskedParity-v0"))
 
@@ -214,6 +216,8 @@ def test_a_finished_run_is_extended_with_resume_and_more_iterations(tmp_path, ti
     assert first[-1]["iteration"] == 2
     with pytest.raises(ConfigError, match=r"drop trainer.lr=1 \(with --resume, --set may change only schedule.iterations, "):
         jobs.resumed_config(tmp_path / "run", ["schedule.iterations=3", "trainer.lr=1"])
+    with pytest.raises(ConfigError, match=r"has finished its 2 iterations: to go on, resume with --set schedule.iterations=N \(N > 2\)"):
+        jobs.train_from_config(None, [], tmp_path / "run", resume=True)  # before an engine starts for nothing
     cfg = jobs.resumed_config(tmp_path / "run", ["schedule.iterations=3"])
     assert cfg.model_dump(exclude={"schedule"}) == RunDir(tmp_path / "run").read_config(TrainConfig).model_dump(exclude={"schedule"})
     train_tasks, eval_tasks = jobs.load_tasks(cfg.data)

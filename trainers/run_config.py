@@ -177,6 +177,14 @@ class TrainConfig(Config):
         return self
 
     @model_validator(mode="after")
+    def _turn_length_set_once(self) -> TrainConfig:
+        """The agent loop sets every request's max_tokens from rollout.limits: a sampling.max_tokens would be ignored."""
+        if self.rollout.sampling.max_tokens != SamplingConfig.model_fields["max_tokens"].default:
+            raise ValueError(f"rollout.sampling.max_tokens = {self.rollout.sampling.max_tokens} is not used in a run: the agent loop sets "
+                             "each turn's from rollout.limits.max_tokens_per_turn (and the context left); set that instead")
+        return self
+
+    @model_validator(mode="after")
     def _episodes_fit_the_engine(self) -> TrainConfig:
         """An in-process engine must hold the longest episode (servers are checked when the run connects to them)."""
         if not self.engine.servers and self.rollout.limits.max_total_tokens > self.engine.max_model_len:

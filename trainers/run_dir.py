@@ -139,12 +139,16 @@ class RunDir:
 
     def load_checkpoint(self) -> tuple[Path, dict[str, Any], LoopState]:
         """(model directory, trainer state, loop state) of the last checkpoint."""
+        state = self.checkpoint_state()
+        trainer_state = torch.load(self.checkpoint_path / "trainer.pt", weights_only=False)
+        return self.checkpoint_path / "model", trainer_state, state
+
+    def checkpoint_state(self) -> LoopState:
+        """Where the last checkpoint stands (read without its weights); ConfigError if there is none."""
         self._finish_swap()
         if not (self.checkpoint_path / "loop.json").is_file():
             raise ConfigError(f"{self.path} has no checkpoint to resume from (expected {self.checkpoint_path}/loop.json)")
-        state = LoopState.model_validate_json((self.checkpoint_path / "loop.json").read_text(encoding="utf-8"))
-        trainer_state = torch.load(self.checkpoint_path / "trainer.pt", weights_only=False)
-        return self.checkpoint_path / "model", trainer_state, state
+        return LoopState.model_validate_json((self.checkpoint_path / "loop.json").read_text(encoding="utf-8"))
 
     def _finish_swap(self) -> None:
         """After a kill between save_checkpoint's renames, move the newest complete checkpoint back in place."""

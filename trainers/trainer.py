@@ -139,7 +139,8 @@ class TrainerConfig(Config):
     logprob_chunk_size: int = Field(default=1024, ge=1)
     """Token positions whose logits exist at once in token_logprobs (memory ~ chunk * vocabulary * 4 bytes)."""
     temperature: float = Field(default=1.0, gt=0.0)
-    """Sampling temperature of the rollouts: log-probs are computed from logits / temperature, like the engine's."""
+    """Sampling temperature of the rollouts: log-probs are computed from logits / temperature, like the engine's. In a run
+    it follows rollout.sampling.temperature (leave it unset; a different value is refused at load)."""
     kl_coef: float = Field(default=0.0, ge=0.0)
     """Weight of the k3 KL penalty to the initial model (kept as a frozen copy when > 0)."""
     adv_eps: float = Field(default=1e-6, gt=0.0)
