@@ -310,9 +310,15 @@ def test_torchrun_resume_after_kill_9_gives_the_same_metrics(two_rank_run, vllm_
     with server_weights_restored(vllm_server.url, tiny_weights):
         process = alp_train_on_two_ranks("--config", str(cfg_path), "--run-dir", str(run_dir), "--server", vllm_server.url)
         wait_for(lambda: checkpoint_iteration(run_dir) == 2, 600, process)
-        os.killpg(process.pid, signal.SIGKILL)  # torchrun and both ranks
+        # torchrun and both ranks, one by one: torch elastic starts each rank in a session of its own, so a kill of
+        # torchrun's process group alone would leave the ranks to finish the run, and the resume below would have nothing to do.
+        processes = [psutil.Process(process.pid), *descendants(process)]
+        for victim in processes:
+            victim.kill()
+        psutil.wait_procs(processes, timeout=30)
         process.wait()
         assert checkpoint_iteration(run_dir) == 2
+        assert [r["iteration"] for r in metric_rows(run_dir)][-1] <= 3  # killed before the run could finish
         resumed = alp_train_on_two_ranks("--run-dir", str(run_dir), "--resume")  # the servers come from the saved config
         output, _ = resumed.communicate(timeout=600)
         assert resumed.returncode == 0, output[-4000:]
