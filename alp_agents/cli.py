@@ -319,6 +319,16 @@ def lab_report(lab_dir: Annotated[Path, typer.Argument(help="A lab directory wri
     console.print(str(write_report(lab_dir)))
 
 
+def json_option(text: str, option: str, *, example: str) -> Any:
+    """The JSON value an option holds; ConfigError naming the option, where the JSON breaks, and an `example` object."""
+    from alp_agents.errors import ConfigError
+
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{option} is not valid JSON ({e.msg} at column {e.colno}): pass an object, e.g. '{example}'") from e
+
+
 def parse_fields(fields: str) -> FieldMap:
     """The `--fields` JSON object as a FieldMap; ConfigError naming the option and the key if it is not one."""
     from pydantic import ValidationError
@@ -327,10 +337,7 @@ def parse_fields(fields: str) -> FieldMap:
     from alp_agents.errors import ConfigError
 
     try:
-        return FieldMap.model_validate(json.loads(fields))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--fields is not valid JSON ({e.msg} at column {e.colno}): pass an object, e.g. "
-                          '\'{"prompt": "question", "answer": "final"}\'') from e
+        return FieldMap.model_validate(json_option(fields, "--fields", example='{"prompt": "question", "answer": "final"}'))
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'the value'}: {err['msg']}" for err in e.errors())
         raise ConfigError(f"--fields {fields}: {problems} (keys: {', '.join(FieldMap.model_fields)})") from e
@@ -341,10 +348,7 @@ def parse_env_args(env_args: str, max_turns: int | None = None) -> dict[str, Any
     is not an object, or if the two options disagree."""
     from alp_agents.errors import ConfigError
 
-    try:
-        kwargs = json.loads(env_args)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--env-args is not valid JSON ({e.msg} at column {e.colno}): pass an object, e.g. '{{\"max_turns\": 3}}'") from e
+    kwargs = json_option(env_args, "--env-args", example='{"max_turns": 3}')
     if not isinstance(kwargs, dict):
         raise ConfigError(f"--env-args must be a JSON object of keyword arguments, got {type(kwargs).__name__}: "
                           "e.g. '{\"max_turns\": 3}'")
