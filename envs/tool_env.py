@@ -118,11 +118,12 @@ class ToolEnv(TextEnv):
     def expert_action(self, conversation: list[Message]) -> str | None:
         """The calculator expert (calculator_expert) on tasks whose metadata holds their `expression` (synthetic arithmetic
         tasks, or a task file with an `expression` column); EnvError saying so on others."""
-        if not self.task.metadata.get("expression"):
+        expression = self.task.metadata.get("expression")
+        if not expression:
             raise EnvError(f"ToolEnv's built-in expert computes a task's metadata['expression'] with the calculator, and task "
                            f"{self.task.id!r} has none (a task file gives it with an `expression` column); for other tasks, "
                            "subclass ToolEnv and define expert_action (README: 'A ToolEnv gets an expert')")
-        return calculator_expert(self.task, conversation, self.tool_call_style)
+        return calculator_expert(str(expression), conversation, self.tool_call_style)
 
     def tool_schemas(self) -> list[dict[str, Any]]:
         """The registry's function schemas (the chat template shows them to the model), less those the current
@@ -204,11 +205,8 @@ def _make_tools(name: str) -> Tool[Any] | ToolRegistry:
     return made
 
 
-def calculator_expert(task: Task, conversation: list[Message], style: str) -> str | None:
-    """ToolEnv's expert: compute the task's expression with the tool, then box the tool's reply; None for other tasks."""
-    expression = task.metadata.get("expression")
-    if not expression:
-        return None
+def calculator_expert(expression: str, conversation: list[Message], style: str) -> str:
+    """ToolEnv's expert: compute `expression` with the tool, then box the tool's reply."""
     results = [message for message in conversation if message.role == "tool"]
     if results:
         return f"The answer is \\boxed{{{results[-1].content.strip()}}}."
